@@ -1,0 +1,179 @@
+"""The gateway application: its parts, its routes, and its lifecycle from start to drained exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from gateway import health
+from gateway.admission import Admission
+from gateway.errors import REQUEST_ID, GatewayError
+from gateway.metrics.engine import EngineCollector, EngineSource
+from gateway.metrics.gateway import GatewayMetrics
+from gateway.metrics.gpu import GpuCollector
+from gateway.metrics.host import HostCollector
+from gateway.proxy import Proxy
+from gateway.settings import Settings
+from gateway.upstreams import UpstreamPool, client_session
+
+log = logging.getLogger("gateway")
+
+PROXIED_PATHS = ("/tokenize", "/detokenize", "/version")
+
+
+class Gateway:
+    """Every part of one gateway, built from its settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started = time.monotonic()
+        self.registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        self.metrics = GatewayMetrics(self.registry)
+        self.admission = Admission(
+            settings.max_concurrency,
+            settings.max_queue,
+            settings.queue_timeout,
+            settings.max_tokens_in_flight,
+        )
+        self.pool = UpstreamPool(
+            settings.upstream, settings.health_fail_threshold, settings.health_success_threshold
+        )
+        self.proxy = Proxy(settings, self.admission, self.pool, self.metrics)
+        self.engines = EngineCollector(
+            EngineSource(u.url, settings.engine_metrics_timeout, settings.engine_metrics_max_age)
+            for u in self.pool.upstreams
+        )
+        self.gpu = GpuCollector()
+        self.host = HostCollector()
+        for collector in (self.engines, self.gpu, self.host):
+            self.registry.register(collector)
+        self._state_gauges()
+        self.health = health.HealthChecker(self)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the gateway has not started"
+        return self._session
+
+    def _state_gauges(self) -> None:
+        m, a = self.metrics, self.admission
+        readings: list[tuple[object, Callable[[], float]]] = [
+            (m.in_flight, lambda: a.in_flight),
+            (m.queue_depth, lambda: a.queue_depth),
+            (m.tokens_in_flight, lambda: a.tokens_in_flight),
+            (m.queue_limit, lambda: a.max_queue),
+            (m.concurrency_limit, lambda: a.max_concurrency),
+            (m.tokens_limit, lambda: a.max_tokens),
+            (m.draining, lambda: self.proxy.draining),
+        ]
+        for upstream in self.pool.upstreams:
+            readings.append((m.upstream_up.labels(upstream.url), lambda u=upstream: u.up))
+            readings.append((m.upstream_in_flight.labels(upstream.url), lambda u=upstream: u.in_flight))
+        for gauge, read in readings:
+            gauge.set_function(read)  # type: ignore[attr-defined]
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: the client session and the health checks live as long as the app."""
+        self._session = self.proxy.session = client_session(self.settings)
+        checks = asyncio.create_task(self.health.run(), name="health-checks")
+        yield
+        checks.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await checks
+        await self._session.close()
+        self.gpu.close()
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        """One scrape: the gateway's series, each engine's vllm:* series, GPUs and host."""
+        await self.engines.refresh(self.session)
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        error = GatewayError("not_found", f"Not found: {request.method} {request.path}")
+        return error.response(request.headers.get(REQUEST_ID) or "")
+
+    def app(self) -> web.Application:
+        # client_max_size guards only read()/json(); the proxy counts body bytes itself.
+        app = web.Application(client_max_size=self.settings.max_body_bytes)
+        app[GATEWAY] = self
+        app.cleanup_ctx.append(self.lifecycle)
+        handle = self.proxy.handle
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_routes(health.handlers(self))
+        app.router.add_route("*", "/v1/{tail:.*}", handle)
+        for path in PROXIED_PATHS:
+            app.router.add_route("*", path, handle)
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        return app
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def make_runner(app: web.Application, shutdown_timeout: float = 1.0) -> web.AppRunner:
+    """handler_cancellation: a client that leaves cancels its handler at once, which closes the
+    engine connection, which is how vLLM learns to abort (also during a silent prefill)."""
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
+
+
+async def serve(settings: Settings, announce: Callable[[str], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain: not ready, 503 to new requests, in-flight ones finish."""
+    gateway = Gateway(settings)
+    runner = make_runner(gateway.app())
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
+    await site.start()
+    url = f"http://{settings.host}:{settings.port}"
+    log.info("glm-gateway listening on %s, upstreams %s", url, ", ".join(settings.upstream))
+    if announce is not None:
+        announce(url)
+    await drain_on_signal(gateway, runner)
+    return 0
+
+
+async def drain_on_signal(gateway: Gateway, runner: web.AppRunner) -> None:
+    loop = asyncio.get_running_loop()
+    stop, hard = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning(
+                "second %s: cutting off %d requests", signal.Signals(signum).name, gateway.proxy.active
+            )
+            hard.set()
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await stop.wait()
+        gateway.proxy.draining = True
+        timeout = gateway.settings.drain_timeout
+        log.info("draining %d requests for up to %g s", gateway.proxy.active, timeout)
+        waits = [asyncio.ensure_future(gateway.proxy.idle.wait()), asyncio.ensure_future(hard.wait())]
+        _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if gateway.proxy.active:
+            log.warning("drain ended with %d requests still running: cutting them off", gateway.proxy.active)
+        else:
+            log.info("drained")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()

@@ -1,0 +1,128 @@
+"""The ``glm-gateway`` command: ``serve`` the gateway, ``sim`` the simulated engine, or ``demo`` both."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+import uvloop
+
+from gateway import __version__, logs
+from gateway.app import serve
+from gateway.settings import Settings, SimSettings
+from gateway.sim.engine import SimEngine, bound_port
+from gateway.sim.engine import serve as serve_sim
+
+DEMO_TEXT = """
+glm-gateway demo: the gateway on {gw} in front of a simulated GLM-4-9B-Chat-1M engine on {sim}
+
+  Point an OpenAI client at   {gw}/v1
+  Liveness / readiness        {gw}/health/live   {gw}/health/ready
+  Health (JSON)               {gw}/health
+  Status page                 {gw}/status
+  Prometheus metrics          {gw}/metrics
+
+Try it:
+
+  curl -s {gw}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 8}}'
+
+  curl -sN {gw}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
+
+  python -c "
+from openai import OpenAI
+client = OpenAI(base_url='{gw}/v1', api_key='unused')
+print(client.chat.completions.create(model='{model}',
+      messages=[{{'role': 'user', 'content': 'Hello'}}], max_tokens=8).choices[0].message.content)
+for chunk in client.chat.completions.create(model='{model}',
+        messages=[{{'role': 'user', 'content': 'Hello'}}], stream=True):
+    print(chunk.choices[0].delta.content or '', end='', flush=True)
+print()"
+
+Ctrl-C stops both.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glm-gateway", description="A reverse proxy that guards and observes vLLM engines."
+    )
+    parser.add_argument("--version", action="version", version=f"glm-gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_p = commands.add_parser("serve", help="run the gateway in front of vLLM engines")
+    Settings.add_arguments(serve_p)
+    sim_p = commands.add_parser("sim", help="run the simulated vLLM engine (no GPU needed)")
+    SimSettings.add_arguments(sim_p)
+    demo_p = commands.add_parser(
+        "demo", help="run the simulated engine and the gateway together, and print how to use them"
+    )
+    demo_p.add_argument("--port", type=int, default=8080, help="gateway port (default: %(default)s)")
+    demo_p.add_argument(
+        "--sim-port", type=int, default=0, help="engine port; 0 picks a free one (default: 0)"
+    )
+    demo_p.add_argument(
+        "--itl", type=float, default=0.05, help="engine seconds per token (default: %(default)s)"
+    )
+    return parser
+
+
+async def _run_sim(settings: SimSettings) -> int:
+    engine = SimEngine(settings)
+    runner = await serve_sim(engine, settings.host, settings.port)
+    print(
+        f"simulated vLLM engine ({settings.model}) on http://{settings.host}:{bound_port(runner)}", flush=True
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
+async def _run_demo(ns: argparse.Namespace) -> int:
+    sim_settings = SimSettings(port=ns.sim_port, itl=ns.itl)
+    engine = SimEngine(sim_settings)
+    sim_runner = await serve_sim(engine, "127.0.0.1", ns.sim_port)
+    sim_url = f"http://127.0.0.1:{bound_port(sim_runner)}"
+    settings = dataclasses.replace(
+        Settings(), host="127.0.0.1", port=ns.port, upstream=[sim_url], drain_timeout=5.0, log_level="warning"
+    )
+
+    def announce(url: str) -> None:
+        print(DEMO_TEXT.format(gw=url, sim=sim_url, model=sim_settings.model), flush=True)
+
+    try:
+        return await serve(settings, announce)
+    finally:
+        await sim_runner.cleanup()
+        print("demo stopped", flush=True)
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    if ns.command == "serve":
+        settings = Settings.from_namespace(ns)
+        logs.configure(settings.log_format, settings.log_level)
+        return _run(serve(settings))
+    if ns.command == "sim":
+        sim_settings = SimSettings.from_namespace(ns)
+        logs.configure("text", sim_settings.log_level)
+        return _run(_run_sim(sim_settings))
+    logs.configure("text", "warning")
+    return _run(_run_demo(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

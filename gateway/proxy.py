@@ -1,0 +1,412 @@
+"""The request path: receive, admit, forward, relay, record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from time import perf_counter
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.admission import Admission
+from gateway.errors import REQUEST_ID, GatewayError
+from gateway.metrics.gateway import UNKNOWN_MODEL, GatewayMetrics
+from gateway.protocol import GENERATION_PATHS, Generation, context_error, parse_generation
+from gateway.settings import Settings
+from gateway.upstreams import Upstream, UpstreamPool
+
+log = logging.getLogger("gateway.proxy")
+
+DEFAULT_CONTEXT_WINDOW = 1048576
+
+# RFC 9110 §7.6.1, plus what the client library recomputes for the new hop
+_HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+     "trailer", "transfer-encoding", "upgrade", "host", "content-length")
+)  # fmt: skip
+ENDPOINTS = {
+    "/v1/chat/completions": "chat_completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/models": "models",
+    "/v1/responses": "responses",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
+    "/version": "version",
+}
+_INLINE_BODY_MAX = 1 << 20  # answers up to this size are read whole and written in one go
+_SSE = "text/event-stream"
+_DONE = b"data: [DONE]\n\n"
+_USAGE_CHUNK = b'"choices":[]'
+_USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
+
+
+def _filter_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    """Drop hop-by-hop headers, those named in Connection too, and set the request id."""
+    drop = _HOP_BY_HOP
+    connection = headers.get("Connection")
+    if connection:
+        drop = drop | {name.strip().lower() for name in connection.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    out[REQUEST_ID] = request_id
+    return out
+
+
+class _Exchange:
+    """What one request measured on its way through, recorded once at the end."""
+
+    __slots__ = (
+        "completion_tokens", "endpoint", "error_type", "first_byte", "model", "prompt_tokens", "queue_wait",
+        "relay", "start", "status", "ttft",
+    )  # fmt: skip
+
+    def __init__(self, start: float, endpoint: str) -> None:
+        self.start = start
+        self.endpoint = endpoint
+        self.model = ""
+        self.status = 0
+        self.error_type: str | None = None
+        self.queue_wait: float | None = None
+        self.first_byte: float | None = None
+        self.relay: float | None = None
+        self.ttft: float | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+
+class Proxy:
+    """Holds what the request path needs; ``handle`` is the aiohttp handler for proxied routes."""
+
+    def __init__(
+        self, settings: Settings, admission: Admission, pool: UpstreamPool, metrics: GatewayMetrics
+    ) -> None:
+        self.settings = settings
+        self.admission = admission
+        self.pool = pool
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+        self.draining = False
+        self.active = 0  # requests inside the handler, queued ones included: drain waits for 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.requests_total = 0
+        self.requests_failed = 0
+
+    # -- receive ------------------------------------------------------------------------------------
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """Read the body, counting bytes ourselves: chunked bodies have no Content-Length to check."""
+        limit = self.settings.max_body_bytes
+        too_large = GatewayError(
+            "body_too_large", f"Request body is larger than the gateway's limit of {limit} bytes."
+        )
+        length = request.content_length
+        if length is not None and length > limit:
+            raise too_large
+        if not request.body_exists:
+            return b""
+        buf = bytearray()
+        content = request.content
+        while chunk := await content.readany():
+            buf += chunk
+            if len(buf) > limit:
+                raise too_large
+        return bytes(buf)
+
+    def context_window(self) -> int:
+        if self.settings.context_window:
+            return self.settings.context_window
+        lengths = self.pool.models().values()
+        return min(lengths) if lengths else DEFAULT_CONTEXT_WINDOW
+
+    def model_label(self, model: str) -> str:
+        """Bounded label values: served models as they are, anything else folded into one value."""
+        served = self.pool.models()
+        if model in served:
+            return model
+        if not model and served:
+            return next(iter(served))  # vLLM serves the default model to requests that name none
+        return UNKNOWN_MODEL
+
+    # -- the handler ----------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ex = _Exchange(perf_counter(), ENDPOINTS.get(request.path, "other"))
+        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        self.active += 1
+        self.idle.clear()
+        try:
+            return await self._handle(request, request_id, ex)
+        except GatewayError as exc:
+            ex.status, ex.error_type = exc.status, exc.error_type
+            if exc.status >= 500:
+                log.warning("request %s: %s %s", request_id, exc.error_type, exc.message)
+            return exc.response(request_id)
+        except (asyncio.CancelledError, ConnectionResetError):
+            ex.status, ex.error_type = 499, "client_disconnected"
+            raise
+        except Exception:
+            log.exception("request %s failed inside the gateway", request_id)
+            error = GatewayError("internal_error", "The gateway failed to handle the request.")
+            ex.status, ex.error_type = error.status, error.error_type
+            return error.response(request_id)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.idle.set()
+            self._record(ex)
+
+    async def _handle(self, request: web.Request, request_id: str, ex: _Exchange) -> web.StreamResponse:
+        if self.draining:
+            raise GatewayError(
+                "draining", "The gateway is shutting down. Retry on another instance.", retry_after=1
+            )
+        body = await self._read_body(request)
+        gen: Generation | None = None
+        admitted = request.method == "POST" and request.path.startswith("/v1/")
+        cost = 0
+        if admitted and request.path in GENERATION_PATHS:
+            gen = parse_generation(request.path, body, add_glm_stops=self.settings.glm_stop_tokens)
+            ex.model = self.model_label(gen.model)
+            error = context_error(self.context_window(), gen.prompt_tokens, gen.max_tokens)
+            if error is not None:
+                raise error
+            ex.prompt_tokens = gen.prompt_tokens
+            cost = gen.prompt_tokens + (gen.max_tokens or 0)
+            body = gen.body
+        if not admitted:
+            return await self._forward(request, request_id, body, gen, ex)
+        ex.queue_wait = await self.admission.acquire(cost)
+        try:
+            return await self._forward(request, request_id, body, gen, ex)
+        finally:
+            self.admission.release(cost)
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    async def _connect(
+        self, request: web.Request, request_id: str, body: bytes
+    ) -> tuple[Upstream, aiohttp.ClientResponse]:
+        """Send the request to the best engine; an engine that refuses the connection is skipped."""
+        assert self.session is not None
+        headers = _filter_headers(request.headers, request_id)
+        reason = "no upstream configured"
+        for upstream in self.pool.candidates():
+            upstream.in_flight += 1
+            try:
+                resp = await self.session.request(
+                    request.method,
+                    upstream.url + request.path_qs,
+                    data=body or None,
+                    headers=headers,
+                    allow_redirects=False,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                upstream.in_flight -= 1
+                reason = f"{upstream.url}: {exc.__class__.__name__}: {exc}"
+                self.pool.mark_down(upstream, reason)
+                continue  # nothing was sent: safe to try the next engine
+            except aiohttp.SocketTimeoutError:
+                upstream.in_flight -= 1
+                raise GatewayError(
+                    "upstream_timeout",
+                    f"The engine did not answer within {self.settings.upstream_read_timeout:g} s.",
+                ) from None
+            except aiohttp.ClientError as exc:
+                upstream.in_flight -= 1
+                raise GatewayError("upstream_error", f"The engine failed the request: {exc!r}") from None
+            except BaseException:
+                upstream.in_flight -= 1
+                raise
+            return upstream, resp
+        raise GatewayError("upstream_unavailable", f"No engine could be reached ({reason}).")
+
+    async def _forward(
+        self, request: web.Request, request_id: str, body: bytes, gen: Generation | None, ex: _Exchange
+    ) -> web.StreamResponse:
+        sent = perf_counter()
+        upstream, resp = await self._connect(request, request_id, body)
+        headers_at = perf_counter()
+        ex.first_byte = headers_at - sent
+        try:
+            headers = _filter_headers(resp.headers, request_id)
+            if resp.content_type == _SSE and gen is not None:
+                out = await self._relay_events(request, resp, headers, gen, ex)
+            elif resp.content_length is not None and resp.content_length <= _INLINE_BODY_MAX:
+                out = await self._relay_whole(resp, headers, gen, ex)
+            else:
+                out = await self._relay_bytes(request, resp, headers, ex)
+        except BaseException:
+            resp.close()  # closes the engine connection: vLLM aborts the request at once
+            raise
+        finally:
+            upstream.in_flight -= 1
+            ex.relay = perf_counter() - headers_at
+        resp.release()
+        return out
+
+    # -- relay ----------------------------------------------------------------------------------------
+
+    async def _relay_whole(
+        self, resp: aiohttp.ClientResponse, headers: CIMultiDict[str], gen: Generation | None, ex: _Exchange
+    ) -> web.Response:
+        try:
+            data = await resp.read()
+        except aiohttp.SocketTimeoutError:
+            raise GatewayError("upstream_timeout", "The engine stopped answering mid-response.") from None
+        except aiohttp.ClientError as exc:
+            raise GatewayError("upstream_error", f"The engine broke off its answer: {exc!r}") from None
+        ex.ttft = perf_counter() - ex.start
+        ex.status = resp.status
+        if gen is not None and resp.status == 200:
+            self._usage(data, ex)
+        return web.Response(status=resp.status, reason=resp.reason, body=data, headers=headers)
+
+    async def _relay_bytes(
+        self, request: web.Request, resp: aiohttp.ClientResponse, headers: CIMultiDict[str], ex: _Exchange
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        ex.status = resp.status
+        await out.prepare(request)
+        try:
+            async for chunk in resp.content.iter_any():
+                if ex.ttft is None:
+                    ex.ttft = perf_counter() - ex.start
+                await out.write(chunk)
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ServerDisconnectedError,
+            aiohttp.SocketTimeoutError,
+        ) as exc:
+            self._broken(request, ex, exc)
+            return out
+        await out.write_eof()
+        return out
+
+    async def _relay_events(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        gen: Generation,
+        ex: _Exchange,
+    ) -> web.StreamResponse:
+        """Relay SSE as it arrives, whole events at a time; time content events; take out the usage
+        chunk the gateway asked for on the client's behalf."""
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        ex.status = resp.status
+        await out.prepare(request)
+        itl = self.metrics.child(self.metrics.itl, ex.model, ex.endpoint)
+        start = ex.start
+        carry = b""
+        last = 0.0
+        events = 0
+        strip = gen.strip_usage
+        try:
+            async for chunk in resp.content.iter_any():
+                if carry:
+                    chunk = carry + chunk
+                end = chunk.rfind(b"\n\n") + 2
+                if end == 1:
+                    carry = chunk  # no complete event yet
+                    continue
+                if end == len(chunk):
+                    carry = b""
+                else:
+                    chunk, carry = chunk[:end], chunk[end:]
+                now = perf_counter()
+                n = chunk.count(b"\n\n")
+                if chunk.endswith(_DONE):
+                    n -= 1
+                if _USAGE_CHUNK in chunk:
+                    chunk = self._take_usage(chunk, strip, ex)
+                    n -= 1
+                if last == 0.0 and b'"role"' in chunk:
+                    n -= 1  # the role-only first chunk of a chat stream carries no token
+                if n > 0:
+                    events += n
+                    if last == 0.0:
+                        ex.ttft = now - start
+                    else:
+                        itl.observe(now - last)  # type: ignore[attr-defined]
+                        for _ in range(n - 1):
+                            itl.observe(0.0)  # type: ignore[attr-defined]
+                    last = now
+                if chunk:
+                    await out.write(chunk)
+            if carry:
+                await out.write(carry)
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ServerDisconnectedError,
+            aiohttp.SocketTimeoutError,
+        ) as exc:
+            # The engine died mid-stream.  vLLM reports its own mid-stream failures as an error event
+            # followed by [DONE]; do the same, so OpenAI clients raise instead of ending quietly.
+            error = GatewayError("upstream_error", f"The engine broke off the stream: {exc!r}")
+            await out.write(b"data: " + error.body() + b"\n\n" + _DONE)
+            self._broken(request, ex, exc, close=False)
+        else:
+            if ex.completion_tokens is None:
+                ex.completion_tokens = events
+        await out.write_eof()
+        return out
+
+    def _take_usage(self, chunk: bytes, strip: bool, ex: _Exchange) -> bytes:
+        at = chunk.find(_USAGE_CHUNK)
+        begin = chunk.rfind(b"data:", 0, at)
+        end = chunk.find(b"\n\n", at) + 2
+        try:
+            usage = json.loads(chunk[begin + 5 : end])["usage"]
+            ex.prompt_tokens = int(usage["prompt_tokens"])
+            ex.completion_tokens = int(usage["completion_tokens"])
+        except (ValueError, KeyError, TypeError):
+            return chunk
+        return chunk[:begin] + chunk[end:] if strip else chunk
+
+    def _usage(self, data: bytes, ex: _Exchange) -> None:
+        at = data.rfind(b'"usage"')
+        if at >= 0 and (found := _USAGE.search(data, at)):
+            ex.prompt_tokens = int(found[1])
+            ex.completion_tokens = int(found[2])
+
+    def _broken(self, request: web.Request, ex: _Exchange, exc: BaseException, *, close: bool = True) -> None:
+        ex.error_type = (
+            "upstream_timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "upstream_error"
+        )
+        log.warning("%s %s: engine broke off the response: %r", request.method, request.path, exc)
+        if close and request.transport is not None:
+            request.transport.close()  # the client must see a truncated answer, not a complete one
+
+    # -- record ---------------------------------------------------------------------------------------
+
+    def _record(self, ex: _Exchange) -> None:
+        m, model, endpoint = self.metrics, ex.model, ex.endpoint
+        child = m.child
+        self.requests_total += 1
+        status = str(ex.status)
+        child(m.requests, model, endpoint, status).inc()
+        child(m.duration, model, endpoint, status).observe(perf_counter() - ex.start)
+        if ex.error_type is not None:
+            self.requests_failed += 1
+            child(m.errors, model, endpoint, ex.error_type).inc()
+        if ex.queue_wait is not None:
+            child(m.queue_wait, model, endpoint).observe(ex.queue_wait)
+        if ex.first_byte is not None:
+            child(m.first_byte, model, endpoint).observe(ex.first_byte)
+        if ex.relay is not None:
+            child(m.relay, model, endpoint).observe(ex.relay)
+        if ex.ttft is not None:
+            child(m.ttft, model, endpoint).observe(ex.ttft)
+        if ex.completion_tokens is not None:
+            child(m.completion_tokens, model, endpoint).observe(ex.completion_tokens)
+            if ex.prompt_tokens is not None:
+                child(m.prompt_tokens, model, endpoint).observe(ex.prompt_tokens)

@@ -1,0 +1,147 @@
+"""Settings for each command, read from CLI flags and ``GATEWAY_*`` environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Self
+
+MiB = 1024 * 1024
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, repeat: bool = False) -> Any:
+    """Declare one option: its default, help text and parsing hints live beside the field."""
+    meta = {"help": help, "choices": choices, "repeat": repeat}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+class _Options:
+    """Mixin: build an argparse parser from the dataclass fields and read the environment."""
+
+    ENV_PREFIX = "GATEWAY_"
+
+    @classmethod
+    def env_name(cls, name: str) -> str:
+        return cls.ENV_PREFIX + name.upper()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, env: Mapping[str, str] = os.environ) -> None:
+        for f in fields(cls):  # type: ignore[arg-type]
+            meta = f.metadata
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            env_name = cls.env_name(f.name)
+            help_text = f"{meta['help']} (env {env_name}; default: %(default)s)"
+            if isinstance(default, bool):
+                value = _parse_bool(env[env_name]) if env_name in env else default
+                parser.add_argument(
+                    flag, default=value, action=argparse.BooleanOptionalAction, help=help_text
+                )
+                continue
+            kind = type(default[0]) if isinstance(default, list) else type(default)
+            if meta["repeat"]:
+                value = (
+                    [v.strip() for v in env[env_name].split(",") if v.strip()] if env_name in env else None
+                )
+                parser.add_argument(
+                    flag,
+                    action="append",
+                    type=kind,
+                    dest=f.name,
+                    default=value,
+                    help=f"{meta['help']}; repeat for several (env {env_name}, comma-separated; "
+                    f"default: {','.join(map(str, default))})",
+                )
+                continue
+            value = kind(env[env_name]) if env_name in env else default
+            parser.add_argument(flag, type=kind, default=value, choices=meta["choices"], help=help_text)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> Self:
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            value = getattr(ns, f.name)
+            if value is None:  # a repeatable option given neither on the command line nor in the environment
+                continue
+            values[f.name] = value
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, argv: list[str], env: Mapping[str, str] = os.environ) -> Self:
+        parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        cls.add_arguments(parser, env)
+        return cls.from_namespace(parser.parse_args(argv))
+
+    def public(self) -> dict[str, Any]:
+        """Effective settings for the /status page (no secrets are held here)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class Settings(_Options):
+    """Options of ``glm-gateway serve``."""
+
+    host: str = option("0.0.0.0", "address to listen on")
+    port: int = option(8080, "port to listen on")
+    upstream: list[str] = option(["http://127.0.0.1:8000"], "base URL of a vLLM engine", repeat=True)
+    max_body_bytes: int = option(16 * MiB, "largest request body accepted, in bytes (413 above)")
+    context_window: int = option(
+        0, "context window in tokens; 0 = the engine's max_model_len from /v1/models, else 1048576"
+    )
+    max_concurrency: int = option(256, "requests forwarded to the engines at once")
+    max_queue: int = option(1024, "requests waiting for a slot (429 above)")
+    queue_timeout: float = option(60.0, "seconds a request may wait for a slot (503 after)")
+    max_tokens_in_flight: int = option(
+        0, "budget of estimated tokens (prompt + max_tokens) of all forwarded requests; 0 = off"
+    )
+    upstream_connect_timeout: float = option(10.0, "seconds to open a connection to an engine")
+    upstream_read_timeout: float = option(
+        3600.0, "seconds an engine may stay silent (a 1M-token prefill takes many minutes)"
+    )
+    health_interval: float = option(5.0, "seconds between health checks of each engine")
+    health_timeout: float = option(5.0, "seconds an engine's /health may take")
+    health_fail_threshold: int = option(3, "failed checks in a row that mark an engine down")
+    health_success_threshold: int = option(2, "good checks in a row that bring an engine back")
+    drain_timeout: float = option(60.0, "seconds in-flight requests may run on after SIGTERM")
+    engine_metrics_timeout: float = option(2.0, "seconds an engine's /metrics may take during a scrape")
+    engine_metrics_max_age: float = option(
+        1.0, "engine /metrics are fetched at most once per this many seconds"
+    )
+    glm_stop_tokens: bool = option(
+        True, "add GLM-4's stop_token_ids when a GLM-4 model is served and none are sent"
+    )
+    log_format: str = option("text", "log format", choices=("text", "json"))
+    log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class SimSettings(_Options):
+    """Options of ``glm-gateway sim``, the simulated vLLM engine."""
+
+    ENV_PREFIX = "GATEWAY_SIM_"
+
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on")
+    model: str = option("glm-4-9b-chat-1m", "served model name")
+    max_model_len: int = option(1048576, "context window in tokens")
+    max_num_seqs: int = option(256, "requests generated at once; the rest wait in the engine's queue")
+    ttft: float = option(0.05, "seconds to the first token of a 1-token prompt")
+    prefill_tokens_per_s: float = option(20000.0, "prefill speed: time to first token grows by prompt/this")
+    itl: float = option(0.01, "seconds between output tokens")
+    output_tokens: int = option(16, "tokens generated when the request sets no max_tokens")
+    kv_cache_tokens: int = option(600000, "KV cache size in tokens, for vllm:kv_cache_usage_perc")
+    log_level: str = option("warning", "log level", choices=("debug", "info", "warning", "error"))
