@@ -1,0 +1,31 @@
+"""Fixtures: a fast simulated engine, the gateway in front of it, and an OpenAI client pointed at the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+
+from tests.harness import Gw, Sim, start_gateway, start_sim
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Sim]:
+    s = await start_sim()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def gw(sim: Sim) -> AsyncIterator[Gw]:
+    g = await start_gateway([sim.url])
+    yield g
+    await g.close()
+
+
+@pytest.fixture
+async def client(gw: Gw) -> AsyncIterator[openai.AsyncOpenAI]:
+    c = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+    yield c
+    await c.close()

@@ -1,0 +1,175 @@
+"""Test harness: the real gateway and the real simulated engine on loopback ports, in-process or as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import Gateway, make_runner
+from gateway.settings import Settings, SimSettings
+from gateway.sim.engine import SimEngine, bound_port, serve
+
+FAST_SIM = {"ttft": 0.005, "itl": 0.001, "prefill_tokens_per_s": 1e9}
+FAST_GATEWAY = {"health_interval": 0.1, "health_fail_threshold": 2, "health_success_threshold": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Sim:
+    engine: SimEngine
+    runner: web.AppRunner
+    url: str
+
+    async def faults(self, **values: Any) -> None:
+        async with aiohttp.ClientSession() as s, s.post(self.url + "/admin/faults", json=values) as r:
+            assert r.status == 200, await r.text()
+
+    @property
+    def journal(self) -> list[dict[str, Any]]:
+        return list(self.engine.journal)
+
+    def outcomes(self) -> list[str]:
+        return [e["outcome"] for e in self.engine.journal]
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_sim(**overrides: Any) -> Sim:
+    settings = SimSettings(**{"port": 0, **FAST_SIM, **overrides})
+    engine = SimEngine(settings)
+    runner = await serve(engine, "127.0.0.1", 0)
+    return Sim(engine, runner, f"http://127.0.0.1:{bound_port(runner)}")
+
+
+@dataclasses.dataclass
+class Gw:
+    gateway: Gateway
+    runner: web.AppRunner
+    url: str
+
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
+            assert r.status == 200
+            return await r.text()
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+    def assert_idle(self) -> None:
+        """Nothing left behind: no slot, queue place, token, upstream request or handler."""
+        gw = self.gateway
+        assert gw.admission.in_flight == 0
+        assert gw.admission.queue_depth == 0
+        assert gw.admission.tokens_in_flight == 0
+        assert gw.proxy.active == 0
+        assert all(u.in_flight == 0 for u in gw.pool.upstreams)
+
+
+async def start_gateway(upstreams: list[str], *, wait_ready: bool = True, **overrides: Any) -> Gw:
+    settings = Settings(**{"host": "127.0.0.1", "port": 0, "upstream": upstreams, **FAST_GATEWAY, **overrides})
+    gateway = Gateway(settings)
+    runner = make_runner(gateway.app(), shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    gw = Gw(gateway, runner, f"http://127.0.0.1:{bound_port(runner)}")
+    if wait_ready:
+        await wait_for(lambda: gateway.pool.any_up, "an upstream to be up")
+    return gw
+
+
+async def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
+    """Poll a condition (an event, not a timing threshold: the timeout only stops a hung test)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples(text).items() if n == name and want <= ls)
+
+
+class Process:
+    """A ``glm-gateway`` command run as a real process, stopped at the end of the test."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = [sys.executable, "-m", "gateway", *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            text=True,
+        )
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def wait_http(url: str, timeout: float = 30.0, status: int | None = 200) -> None:
+    """Block until url answers (with ``status`` if given)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if status is None or r.status == status:
+                    return
+        except urllib.error.HTTPError as e:
+            if status is None or e.code == status:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer")
+        time.sleep(0.05)
+
+
+def processes(*procs: Process) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.stop()
