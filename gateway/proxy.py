@@ -251,6 +251,8 @@ class Proxy:
             upstream.in_flight -= 1
             ex.relay = perf_counter() - headers_at
         resp.release()
+        if ex.status >= 500 and ex.error_type is None:
+            ex.error_type = "upstream_error"  # the engine's own failure, passed through as it was
         return out
 
     # -- relay ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ PROM = REPO / "prometheus"
 RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
 TEST_FILES = sorted((PROM / "tests").glob("*.yml"))
 DASHBOARDS = sorted((REPO / "grafana" / "dashboards").glob("*.json"))
-OPERATING = REPO / "deploy" / "OPERATING.md"
+README = REPO / "README.md"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (Debian package 'prometheus'; .ci/run installs it)"
@@ -71,7 +71,7 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "gateway_gpu_lost",
         # host
         "gateway_host_cpu_usage_ratio",
-        "gateway_host_cpu_count",
+        "gateway_host_cpus",
         "gateway_host_memory_total_bytes",
         "gateway_host_memory_available_bytes",
         "gateway_host_memory_used_bytes",
@@ -205,7 +205,7 @@ def test_required_alerts_present() -> None:
 def test_every_alert_is_documented() -> None:
     headings = {
         _anchor(line.lstrip("#"))
-        for line in OPERATING.read_text(encoding="utf-8").splitlines()
+        for line in README.read_text(encoding="utf-8").splitlines()
         if line.startswith("#")
     }
     for rule in _alerts():
@@ -215,7 +215,7 @@ def test_every_alert_is_documented() -> None:
         for key in ("summary", "description", "runbook_url"):
             assert annotations.get(key, "").strip(), f"{name}: no {key}"
         anchor = annotations["runbook_url"].rpartition("#")[2]
-        assert anchor in headings, f"{name}: runbook anchor #{anchor} is not a heading of {OPERATING.name}"
+        assert anchor in headings, f"{name}: runbook anchor #{anchor} is not a heading of {README.name}"
 
 
 def test_every_alert_has_unit_tests_on_both_sides() -> None:
