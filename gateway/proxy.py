@@ -43,6 +43,8 @@ _INLINE_BODY_MAX = 1 << 20  # answers up to this size are read whole and written
 _SSE = "text/event-stream"
 _DONE = b"data: [DONE]\n\n"
 _USAGE_CHUNK = b'"choices":[]'
+# what reading an engine's answer raises when the engine dies or stalls after its headers
+_ENGINE_BROKE_OFF = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.SocketTimeoutError)
 _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
 
 
@@ -214,15 +216,9 @@ class Proxy:
                 reason = f"{upstream.url}: {exc.__class__.__name__}: {exc}"
                 self.pool.mark_down(upstream, reason)
                 continue  # nothing was sent: safe to try the next engine
-            except aiohttp.SocketTimeoutError:
-                upstream.in_flight -= 1
-                raise GatewayError(
-                    "upstream_timeout",
-                    f"The engine did not answer within {self.settings.upstream_read_timeout:g} s.",
-                ) from None
             except aiohttp.ClientError as exc:
                 upstream.in_flight -= 1
-                raise GatewayError("upstream_error", f"The engine failed the request: {exc!r}") from None
+                raise self._engine_error(exc) from None
             except BaseException:
                 upstream.in_flight -= 1
                 raise
@@ -255,6 +251,14 @@ class Proxy:
             ex.error_type = "upstream_error"  # the engine's own failure, passed through as it was
         return out
 
+    def _engine_error(self, exc: aiohttp.ClientError) -> GatewayError:
+        """The engine failed before the client got a byte: a timeout is a 504, anything else a 502."""
+        if isinstance(exc, aiohttp.SocketTimeoutError):
+            return GatewayError(
+                "upstream_timeout", f"The engine was silent for {self.settings.upstream_read_timeout:g} s."
+            )
+        return GatewayError("upstream_error", f"The engine failed the request: {exc!r}")
+
     # -- relay ----------------------------------------------------------------------------------------
 
     async def _relay_whole(
@@ -262,10 +266,8 @@ class Proxy:
     ) -> web.Response:
         try:
             data = await resp.read()
-        except aiohttp.SocketTimeoutError:
-            raise GatewayError("upstream_timeout", "The engine stopped answering mid-response.") from None
         except aiohttp.ClientError as exc:
-            raise GatewayError("upstream_error", f"The engine broke off its answer: {exc!r}") from None
+            raise self._engine_error(exc) from None
         ex.ttft = perf_counter() - ex.start
         ex.status = resp.status
         if gen is not None and resp.status == 200:
@@ -283,11 +285,7 @@ class Proxy:
                 if ex.ttft is None:
                     ex.ttft = perf_counter() - ex.start
                 await out.write(chunk)
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.SocketTimeoutError,
-        ) as exc:
+        except _ENGINE_BROKE_OFF as exc:
             self._broken(request, ex, exc)
             return out
         await out.write_eof()
@@ -346,11 +344,7 @@ class Proxy:
                     await out.write(chunk)
             if carry:
                 await out.write(carry)
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.SocketTimeoutError,
-        ) as exc:
+        except _ENGINE_BROKE_OFF as exc:
             # The engine died mid-stream.  vLLM reports its own mid-stream failures as an error event
             # followed by [DONE]; do the same, so OpenAI clients raise instead of ending quietly.
             error = GatewayError("upstream_error", f"The engine broke off the stream: {exc!r}")

@@ -6,26 +6,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from gateway import __version__
+from gateway.metrics import buckets
 
-# vLLM's bucket sets (vllm/v1/metrics/loggers.py) so gateway and engine panels line up,
-# with a few short buckets in front for the fast endpoints and the gateway's own overhead.
-TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
-ITL_BUCKETS = (
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-    10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
-DURATION_BUCKETS = (
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-    40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
-)  # fmt: skip
-# vLLM's 1-2-5 series up to 1M, and the full 1,048,576-token context
-TOKEN_BUCKETS = (
-    *(float(m * 10**e) for e in range(7) for m in (1, 2, 5) if m * 10**e <= 1_000_000),
-    1048576.0,
-)
+# vLLM's bucket sets so gateway and engine panels line up, with short buckets in front for the
+# fast endpoints and the gateway's own overhead, and the full 1,048,576-token context at the end.
+TTFT_BUCKETS = buckets.TTFT
+ITL_BUCKETS = (0.001, 0.005, *buckets.ITL)
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, *buckets.REQUEST_LATENCY)
+TOKEN_BUCKETS = (*buckets.tokens(1_000_000), 1048576.0)
 
 UNKNOWN_MODEL = "other"
 

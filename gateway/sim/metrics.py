@@ -4,30 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
-ITL_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
-REQUEST_LATENCY_BUCKETS = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-    480.0, 960.0, 1920.0, 7680.0,
-)  # fmt: skip
-
-
-def token_buckets(max_model_len: int) -> tuple[float, ...]:
-    """vLLM's build_1_2_5_buckets: 1, 2, 5, 10, 20, 50, ... up to max_model_len."""
-    out = []
-    exponent = 0
-    while True:
-        for m in (1, 2, 5):
-            value = m * 10**exponent
-            if value > max_model_len:
-                return tuple(out)
-            out.append(float(value))
-        exponent += 1
+from gateway.metrics import buckets
 
 
 class VllmMetrics:
@@ -78,43 +55,43 @@ class VllmMetrics:
             registry=r,
         )
         self.ttft = hist(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", buckets.TTFT
         )
         self.itl = hist(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", buckets.ITL
         )
         self.e2e = hist(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
-            REQUEST_LATENCY_BUCKETS,
+            buckets.REQUEST_LATENCY,
         )
         self.queue_time = hist(
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.",
-            REQUEST_LATENCY_BUCKETS,
+            buckets.REQUEST_LATENCY,
         )
         self.inference_time = hist(
             "vllm:request_inference_time_seconds",
             "Histogram of time spent in RUNNING phase for request.",
-            REQUEST_LATENCY_BUCKETS,
+            buckets.REQUEST_LATENCY,
         )
         self.prefill_time = hist(
             "vllm:request_prefill_time_seconds",
             "Histogram of time spent in PREFILL phase for request.",
-            REQUEST_LATENCY_BUCKETS,
+            buckets.REQUEST_LATENCY,
         )
         self.decode_time = hist(
             "vllm:request_decode_time_seconds",
             "Histogram of time spent in DECODE phase for request.",
-            REQUEST_LATENCY_BUCKETS,
+            buckets.REQUEST_LATENCY,
         )
         self.prompt_hist = hist(
-            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets(max_model_len)
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", buckets.tokens(max_model_len)
         )
         self.generation_hist = hist(
             "vllm:request_generation_tokens",
             "Number of generation tokens processed.",
-            token_buckets(max_model_len),
+            buckets.tokens(max_model_len),
         )
         # bind the label values once: every series of this engine carries the same pair
         for name in (
