@@ -29,6 +29,14 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
 
 
+class _Repeat(argparse.Action):
+    """Like ``append``, but values on the command line replace the default instead of adding to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: Any, opt: Any = None) -> None:
+        current = getattr(ns, self.dest)
+        setattr(ns, self.dest, [value] if current is self.default else [*current, value])
+
+
 class _Options:
     """Mixin: build an argparse parser from the dataclass fields and read the environment."""
 
@@ -48,18 +56,14 @@ class _Options:
             help_text = f"{meta['help']} (env {env_name}; default: %(default)s)"
             if isinstance(default, bool):
                 value = _parse_bool(env[env_name]) if env_name in env else default
-                parser.add_argument(
-                    flag, default=value, action=argparse.BooleanOptionalAction, help=help_text
-                )
+                parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=help_text)
                 continue
             kind = type(default[0]) if isinstance(default, list) else type(default)
             if meta["repeat"]:
-                value = (
-                    [v.strip() for v in env[env_name].split(",") if v.strip()] if env_name in env else None
-                )
+                value = [v.strip() for v in env[env_name].split(",") if v.strip()] if env_name in env else default
                 parser.add_argument(
                     flag,
-                    action="append",
+                    action=_Repeat,
                     type=kind,
                     dest=f.name,
                     default=value,
@@ -72,17 +76,11 @@ class _Options:
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> Self:
-        values = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            value = getattr(ns, f.name)
-            if value is None:  # a repeatable option given neither on the command line nor in the environment
-                continue
-            values[f.name] = value
-        return cls(**values)
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})  # type: ignore[arg-type]
 
     @classmethod
     def from_args(cls, argv: list[str], env: Mapping[str, str] = os.environ) -> Self:
-        parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parser = argparse.ArgumentParser()
         cls.add_arguments(parser, env)
         return cls.from_namespace(parser.parse_args(argv))
 
@@ -118,12 +116,8 @@ class Settings(_Options):
     health_success_threshold: int = option(2, "good checks in a row that bring an engine back")
     drain_timeout: float = option(60.0, "seconds in-flight requests may run on after SIGTERM")
     engine_metrics_timeout: float = option(2.0, "seconds an engine's /metrics may take during a scrape")
-    engine_metrics_max_age: float = option(
-        1.0, "engine /metrics are fetched at most once per this many seconds"
-    )
-    glm_stop_tokens: bool = option(
-        True, "add GLM-4's stop_token_ids when a GLM-4 model is served and none are sent"
-    )
+    engine_metrics_max_age: float = option(1.0, "engine /metrics are fetched at most once per this many seconds")
+    glm_stop_tokens: bool = option(True, "add GLM-4's stop_token_ids when a GLM-4 model is served and none are sent")
     log_format: str = option("text", "log format", choices=("text", "json"))
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
 

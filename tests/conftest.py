@@ -1,4 +1,4 @@
-"""Fixtures: a fast simulated engine, the gateway in front of it, and an OpenAI client pointed at the gateway."""
+"""Fixtures: a fast simulated engine, the gateway in front of it, and an OpenAI client for the gateway."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test harness: the real gateway and the real simulated engine on loopback ports, in-process or as processes."""
+"""Test harness: the real gateway and the real simulated engine on loopback, in-process or as processes."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ class Gw:
 
 
 async def start_gateway(upstreams: list[str], *, wait_ready: bool = True, **overrides: Any) -> Gw:
-    settings = Settings(**{"host": "127.0.0.1", "port": 0, "upstream": upstreams, **FAST_GATEWAY, **overrides})
+    options = {"host": "127.0.0.1", "port": 0, "upstream": upstreams, **FAST_GATEWAY, **overrides}
+    settings = Settings(**options)
     gateway = Gateway(settings)
     runner = make_runner(gateway.app(), shutdown_timeout=0.5)
     await runner.setup()
@@ -95,7 +96,7 @@ async def start_gateway(upstreams: list[str], *, wait_ready: bool = True, **over
     return gw
 
 
-async def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
+async def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:  # noqa: ASYNC109
     """Poll a condition (an event, not a timing threshold: the timeout only stops a hung test)."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -173,3 +174,80 @@ def processes(*procs: Process) -> Iterator[None]:
     finally:
         for p in procs:
             p.stop()
+
+
+# -- helpers for the proxy, admission and fault tests ----------------------------------------------------
+
+
+async def start_sim_at(port: int, **overrides: Any) -> Sim:
+    """A simulated engine on a given port (to bring an engine back where the gateway expects it)."""
+    settings = SimSettings(**{"port": port, **FAST_SIM, **overrides})
+    engine = SimEngine(settings)
+    runner = await serve(engine, "127.0.0.1", port)
+    return Sim(engine, runner, f"http://127.0.0.1:{bound_port(runner)}")
+
+
+async def sim_metrics(sim: Sim) -> str:
+    """The simulated engine's /metrics, scraped as the gateway does (classic text format)."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(sim.url + "/metrics", headers={"Accept": "text/plain"}) as r,
+    ):
+        assert r.status == 200
+        return await r.text()
+
+
+def error_body(body: Any, *, code: Any, type: str | None = None, param: Any = None) -> dict[str, Any]:
+    """Check an OpenAI JSON error body ``{"error": {"message","type","param","code"}}``; return the error."""
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert error["code"] == code, error
+    if type is not None:
+        assert error["type"] == type, error
+    assert error["param"] == param, error
+    return error
+
+
+async def settled(gw: Gw, *sims: Sim) -> None:
+    """Wait until every handler has returned and every engine is idle, then check nothing leaked."""
+    await wait_for(lambda: gw.gateway.proxy.active == 0, "the gateway's handlers to return")
+    for sim in sims:
+        await wait_for(lambda s=sim: s.engine.running == 0 and s.engine.waiting == 0, "the engine to be idle")
+    gw.assert_idle()
+
+
+# -- helpers for the metrics, health and live Prometheus tests --------------------------------------------
+
+
+class CountingSimEngine(SimEngine):
+    """A simulated engine that notes the arrival time of every GET /metrics (to count the gateway's fetches)."""
+
+    def __init__(self, settings: SimSettings) -> None:
+        super().__init__(settings)
+        self.metrics_fetches: list[float] = []
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        self.metrics_fetches.append(time.monotonic())
+        return await super().metrics_page(request)
+
+
+async def start_counting_sim(**overrides: Any) -> Sim:
+    """Like start_sim, with a CountingSimEngine: ``sim.engine.metrics_fetches`` lists each /metrics GET."""
+    settings = SimSettings(**{"port": 0, **FAST_SIM, **overrides})
+    engine = CountingSimEngine(settings)
+    runner = await serve(engine, "127.0.0.1", 0)
+    return Sim(engine, runner, f"http://127.0.0.1:{bound_port(runner)}")
+
+
+def wait_until(predicate: Any, what: str, timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Blocking twin of wait_for for synchronous tests; returns the predicate's first truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
