@@ -23,7 +23,6 @@ from prometheus_client.process_collector import ProcessCollector
 
 from gateway import health
 from gateway.admission import Admission
-from gateway.errors import REQUEST_ID, GatewayError
 from gateway.metrics.engine import EngineCollector, EngineSource
 from gateway.metrics.gateway import GatewayMetrics
 from gateway.metrics.gpu import GpuCollector
@@ -54,9 +53,7 @@ class Gateway:
             settings.queue_timeout,
             settings.max_tokens_in_flight,
         )
-        self.pool = UpstreamPool(
-            settings.upstream, settings.health_fail_threshold, settings.health_success_threshold
-        )
+        self.pool = UpstreamPool(settings.upstream, settings.health_fail_threshold, settings.health_success_threshold)
         self.proxy = Proxy(settings, self.admission, self.pool, self.metrics)
         self.engines = EngineCollector(
             EngineSource(u.url, settings.engine_metrics_timeout, settings.engine_metrics_max_age)
@@ -109,10 +106,6 @@ class Gateway:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
-    async def not_found(self, request: web.Request) -> web.Response:
-        error = GatewayError("not_found", f"Not found: {request.method} {request.path}")
-        return error.response(request.headers.get(REQUEST_ID) or "")
-
     def app(self) -> web.Application:
         # client_max_size guards only read()/json(); the proxy counts body bytes itself.
         app = web.Application(client_max_size=self.settings.max_body_bytes)
@@ -124,7 +117,7 @@ class Gateway:
         app.router.add_route("*", "/v1/{tail:.*}", handle)
         for path in PROXIED_PATHS:
             app.router.add_route("*", path, handle)
-        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
         return app
 
 
@@ -158,9 +151,7 @@ async def drain_on_signal(gateway: Gateway, runner: web.AppRunner) -> None:
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            log.warning(
-                "second %s: cutting off %d requests", signal.Signals(signum).name, gateway.proxy.active
-            )
+            log.warning("second %s: cutting off %d requests", signal.Signals(signum).name, gateway.proxy.active)
             hard.set()
         stop.set()
 

@@ -63,21 +63,15 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="run the simulated engine and the gateway together, and print how to use them"
     )
     demo_p.add_argument("--port", type=int, default=8080, help="gateway port (default: %(default)s)")
-    demo_p.add_argument(
-        "--sim-port", type=int, default=0, help="engine port; 0 picks a free one (default: 0)"
-    )
-    demo_p.add_argument(
-        "--itl", type=float, default=0.05, help="engine seconds per token (default: %(default)s)"
-    )
+    demo_p.add_argument("--sim-port", type=int, default=0, help="engine port; 0 picks a free one (default: 0)")
+    demo_p.add_argument("--itl", type=float, default=0.05, help="engine seconds per token (default: %(default)s)")
     return parser
 
 
 async def _run_sim(settings: SimSettings) -> int:
     engine = SimEngine(settings)
     runner = await serve_sim(engine, settings.host, settings.port)
-    print(
-        f"simulated vLLM engine ({settings.model}) on http://{settings.host}:{bound_port(runner)}", flush=True
-    )
+    print(f"simulated vLLM engine ({settings.model}) on http://{settings.host}:{bound_port(runner)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

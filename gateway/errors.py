@@ -53,6 +53,4 @@ class GatewayError(Exception):
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         if self.status == 413:
             headers["Connection"] = "close"  # the rest of the body is never read
-        return web.Response(
-            status=self.status, body=self.body(), content_type="application/json", headers=headers
-        )
+        return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)

@@ -60,6 +60,7 @@ class HealthChecker:
             self.gw.pool.record_check(upstream, f"{exc.__class__.__name__}: {exc}".rstrip(": "), None)
             return
         self.gw.pool.record_check(upstream, None, models)
+        self.gw.metrics.declare(models)
 
     def reasons(self) -> list[str]:
         """Why the gateway is not ready; empty when it is."""
@@ -67,10 +68,7 @@ class HealthChecker:
         if self.gw.proxy.draining:
             out.append("draining: the gateway is shutting down")
         if not self.gw.pool.any_up:
-            out.extend(
-                f"upstream {u.url} is down: {u.last_error or 'not checked yet'}"
-                for u in self.gw.pool.upstreams
-            )
+            out.extend(f"upstream {u.url} is down: {u.last_error or 'not checked yet'}" for u in self.gw.pool.upstreams)
         out.extend(self.gpu_faults)
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,7 @@ def _invalid(message: str, param: str | None) -> GatewayError:
 
 def _check(obj: dict[str, Any], name: str, kinds: type | tuple[type, ...], what: str) -> Any:
     value = obj.get(name)
-    if name in obj and (
-        not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _tuple(kinds))
-    ):
+    if name in obj and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _tuple(kinds))):
         raise _invalid(f"'{name}' must be {what}", name)
     return value
 
@@ -53,11 +52,12 @@ def is_glm4(model: str) -> bool:
     return "glm4" in name
 
 
-def parse_generation(path: str, raw: bytes, *, add_glm_stops: bool) -> Generation:
+def parse_generation(path: str, raw: bytes, *, glm_stops: Callable[[str], bool] | None) -> Generation:
     """Validate a chat/completions body and return what admission and metrics need.
 
     The body is forwarded as received unless the gateway must add fields; then the fields are
-    spliced in front rather than re-serialising a body that may be 6 MB.
+    spliced in front rather than re-serialising a body that may be 6 MB.  ``glm_stops(model)``, when given,
+    says whether GLM-4's stop token ids are to be added for the named model (when the client sent none).
     """
     try:
         obj = json.loads(raw)
@@ -96,7 +96,7 @@ def parse_generation(path: str, raw: bytes, *, add_glm_stops: bool) -> Generatio
         estimate = tokens.prompt_tokens(prompt)
 
     added: dict[str, Any] = {}
-    if add_glm_stops and stop_ids is None and is_glm4(model):
+    if stop_ids is None and glm_stops is not None and glm_stops(model):
         added["stop_token_ids"] = list(GLM4_STOP_TOKEN_IDS)
     strip_usage = bool(stream) and not (stream_options and stream_options.get("include_usage"))
     body = raw
@@ -109,9 +109,7 @@ def parse_generation(path: str, raw: bytes, *, add_glm_stops: bool) -> Generatio
             added["stream_options"] = {"include_usage": True}
         if added:
             start = raw.index(b"{") + 1
-            body = b"".join(
-                (b"{", json.dumps(added, separators=(",", ":"))[1:-1].encode(), b",", raw[start:])
-            )
+            body = b"".join((b"{", json.dumps(added, separators=(",", ":"))[1:-1].encode(), b",", raw[start:]))
     return Generation(body, model, bool(stream), estimate, max_tokens, strip_usage)
 
 

@@ -7,6 +7,8 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 from time import perf_counter
 
 import aiohttp
@@ -16,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.admission import Admission
 from gateway.errors import REQUEST_ID, GatewayError
 from gateway.metrics.gateway import UNKNOWN_MODEL, GatewayMetrics
-from gateway.protocol import GENERATION_PATHS, Generation, context_error, parse_generation
+from gateway.protocol import GENERATION_PATHS, Generation, context_error, is_glm4, parse_generation
 from gateway.settings import Settings
 from gateway.upstreams import Upstream, UpstreamPool
 
@@ -84,12 +86,13 @@ class _Exchange:
         self.completion_tokens: int | None = None
 
 
+_Inner = Callable[[web.Request, str, _Exchange], Awaitable[web.StreamResponse]]
+
+
 class Proxy:
     """Holds what the request path needs; ``handle`` is the aiohttp handler for proxied routes."""
 
-    def __init__(
-        self, settings: Settings, admission: Admission, pool: UpstreamPool, metrics: GatewayMetrics
-    ) -> None:
+    def __init__(self, settings: Settings, admission: Admission, pool: UpstreamPool, metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.admission = admission
         self.pool = pool
@@ -107,9 +110,7 @@ class Proxy:
     async def _read_body(self, request: web.Request) -> bytes:
         """Read the body, counting bytes ourselves: chunked bodies have no Content-Length to check."""
         limit = self.settings.max_body_bytes
-        too_large = GatewayError(
-            "body_too_large", f"Request body is larger than the gateway's limit of {limit} bytes."
-        )
+        too_large = GatewayError("body_too_large", f"Request body is larger than the gateway's limit of {limit} bytes.")
         length = request.content_length
         if length is not None and length > limit:
             raise too_large
@@ -122,6 +123,10 @@ class Proxy:
             if len(buf) > limit:
                 raise too_large
         return bytes(buf)
+
+    def _serves_glm4(self, model: str) -> bool:
+        """Is the model a request names (or the default one, when it names none) a GLM-4 model?"""
+        return is_glm4(model or next(iter(self.pool.models()), ""))
 
     def context_window(self) -> int:
         if self.settings.context_window:
@@ -141,12 +146,23 @@ class Proxy:
     # -- the handler ----------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The handler of proxied routes."""
+        return await self._serve(request, self._handle)
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        """The handler of every other path: counted and answered like any gateway-made error."""
+        return await self._serve(request, self._not_found)
+
+    async def _not_found(self, request: web.Request, request_id: str, ex: _Exchange) -> web.StreamResponse:
+        raise GatewayError("not_found", f"Not found: {request.method} {request.path}")
+
+    async def _serve(self, request: web.Request, inner: _Inner) -> web.StreamResponse:
         ex = _Exchange(perf_counter(), ENDPOINTS.get(request.path, "other"))
         request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
         self.active += 1
         self.idle.clear()
         try:
-            return await self._handle(request, request_id, ex)
+            return await inner(request, request_id, ex)
         except GatewayError as exc:
             ex.status, ex.error_type = exc.status, exc.error_type
             if exc.status >= 500:
@@ -168,15 +184,14 @@ class Proxy:
 
     async def _handle(self, request: web.Request, request_id: str, ex: _Exchange) -> web.StreamResponse:
         if self.draining:
-            raise GatewayError(
-                "draining", "The gateway is shutting down. Retry on another instance.", retry_after=1
-            )
+            raise GatewayError("draining", "The gateway is shutting down. Retry on another instance.", retry_after=1)
         body = await self._read_body(request)
         gen: Generation | None = None
         admitted = request.method == "POST" and request.path.startswith("/v1/")
         cost = 0
         if admitted and request.path in GENERATION_PATHS:
-            gen = parse_generation(request.path, body, add_glm_stops=self.settings.glm_stop_tokens)
+            glm_stops = self._serves_glm4 if self.settings.glm_stop_tokens else None
+            gen = parse_generation(request.path, body, glm_stops=glm_stops)
             ex.model = self.model_label(gen.model)
             error = context_error(self.context_window(), gen.prompt_tokens, gen.max_tokens)
             if error is not None:
@@ -203,14 +218,22 @@ class Proxy:
         reason = "no upstream configured"
         for upstream in self.pool.candidates():
             upstream.in_flight += 1
+            send = partial(
+                self.session.request,
+                request.method,
+                upstream.url + request.path_qs,
+                data=body or None,
+                headers=headers,
+                allow_redirects=False,
+            )
             try:
-                resp = await self.session.request(
-                    request.method,
-                    upstream.url + request.path_qs,
-                    data=body or None,
-                    headers=headers,
-                    allow_redirects=False,
-                )
+                try:
+                    resp = await send()
+                except aiohttp.ServerDisconnectedError:
+                    # A keep-alive connection the engine closed just as it was reused (vLLM closes idle
+                    # ones after 5 s, or on restart): the engine never read the request.  Once more, on a
+                    # fresh connection.
+                    resp = await send()
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 upstream.in_flight -= 1
                 reason = f"{upstream.url}: {exc.__class__.__name__}: {exc}"
@@ -337,8 +360,8 @@ class Proxy:
                         ex.ttft = now - start
                     else:
                         itl.observe(now - last)  # type: ignore[attr-defined]
-                        for _ in range(n - 1):
-                            itl.observe(0.0)  # type: ignore[attr-defined]
+                    for _ in range(n - 1):
+                        itl.observe(0.0)  # type: ignore[attr-defined]  # events that arrived together
                     last = now
                 if chunk:
                     await out.write(chunk)
@@ -347,9 +370,9 @@ class Proxy:
         except _ENGINE_BROKE_OFF as exc:
             # The engine died mid-stream.  vLLM reports its own mid-stream failures as an error event
             # followed by [DONE]; do the same, so OpenAI clients raise instead of ending quietly.
-            error = GatewayError("upstream_error", f"The engine broke off the stream: {exc!r}")
-            await out.write(b"data: " + error.body() + b"\n\n" + _DONE)
             self._broken(request, ex, exc, close=False)
+            error = GatewayError(ex.error_type or "upstream_error", f"The engine broke off the stream: {exc!r}")
+            await out.write(b"data: " + error.body() + b"\n\n" + _DONE)
         else:
             if ex.completion_tokens is None:
                 ex.completion_tokens = events
@@ -375,9 +398,7 @@ class Proxy:
             ex.completion_tokens = int(found[2])
 
     def _broken(self, request: web.Request, ex: _Exchange, exc: BaseException, *, close: bool = True) -> None:
-        ex.error_type = (
-            "upstream_timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "upstream_error"
-        )
+        ex.error_type = "upstream_timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "upstream_error"
         log.warning("%s %s: engine broke off the response: %r", request.method, request.path, exc)
         if close and request.transport is not None:
             request.transport.close()  # the client must see a truncated answer, not a complete one

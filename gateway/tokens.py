@@ -1,12 +1,13 @@
 """Prompt-token estimate: a fast lower bound of what GLM-4's tokenizer counts, without the tokenizer.
 
 The estimate assumes a token holds at most 4 ASCII characters or 2 other characters (CJK text:
-about 2 characters per token on GLM-4's 151,552-token vocabulary), plus 2 template tokens per chat
-message.  Real BPE tokens are usually shorter than that, so the estimate is at or below the engine's
-count for natural text and the gateway does not reject what the engine would accept.  The margin by
-which it can overshoot: runs of whitespace and very long common words, which the tokenizer merges
-into fewer tokens than 4 characters each — code indented with long runs of spaces is the case to
-know.  A prompt sent as token ids is counted exactly.
+about 2 characters per token on GLM-4's 151,552-token vocabulary), that spaces and newlines ride
+along with their neighbours for free (BPE merges indentation runs into a token or two), plus 2
+template tokens per chat message.  Real BPE tokens are usually shorter than that, so the estimate
+is at or below the engine's count for natural text and code, and the gateway does not reject what
+the engine would accept.  The margin by which it can overshoot: very long common words and long
+repeated character runs that the vocabulary holds as single tokens (e.g. "=========").  A prompt
+sent as token ids is counted exactly.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ TOKENS_PER_MESSAGE = 2  # GLM-4 template: a role token and a newline around each
 
 
 def text_tokens(text: str) -> int:
-    """Estimated tokens of one string: characters / 4 for ASCII, / 2 for the rest."""
+    """Estimated tokens of one string: characters / 4 for ASCII, / 2 for the rest; whitespace is free."""
     chars = len(text)
+    blank = text.count(" ") + text.count("\n")
     if text.isascii():
-        return chars // 4
+        return (chars - blank) // 4
     # every non-ASCII character takes 2 to 4 bytes in UTF-8; CJK takes 3
-    extra = len(text.encode("utf-8", "surrogatepass")) - chars
-    other = min(chars, (extra + 1) // 2)
-    return (chars - other) // 4 + other // 2
+    other = min(chars, (len(text.encode("utf-8", "surrogatepass")) - chars + 1) // 2)
+    return max(0, chars - other - blank) // 4 + other // 2
 
 
 def content_tokens(content: Any) -> int:

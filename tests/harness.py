@@ -251,3 +251,11 @@ def wait_until(predicate: Any, what: str, timeout: float = 30.0, interval: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def drop_connections(sim: Sim) -> None:
+    """Close every connection the engine has open, as an engine that restarts does."""
+    server = sim.runner.server
+    assert server is not None
+    for handler in server.connections:
+        handler.force_close()

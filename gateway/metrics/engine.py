@@ -82,8 +82,6 @@ class EngineCollector(Collector):
             for family in source.families:
                 into = merged.get(family.name)
                 if into is None:
-                    into = merged[family.name] = Metric(
-                        family.name, family.documentation, family.type, family.unit
-                    )
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
                 into.samples.extend(family.samples)
         yield from merged.values()

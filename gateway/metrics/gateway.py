@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from gateway import __version__
+from gateway.errors import ERROR_TYPES
 from gateway.metrics import buckets
 
 # vLLM's bucket sets so gateway and engine panels line up, with short buckets in front for the
@@ -16,6 +19,7 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, *buckets.REQUEST_LATENCY)
 TOKEN_BUCKETS = (*buckets.tokens(1_000_000), 1048576.0)
 
 UNKNOWN_MODEL = "other"
+GENERATION_ENDPOINTS = ("chat_completions", "completions")
 
 
 class GatewayMetrics:
@@ -89,9 +93,7 @@ class GatewayMetrics:
             buckets=TOKEN_BUCKETS,
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "gateway_requests_in_flight", "Requests forwarded and not finished.", registry=registry
-        )
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests forwarded and not finished.", registry=registry)
         self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a slot.", registry=registry)
         self.queue_limit = Gauge("gateway_queue_limit", "Most requests allowed to wait.", registry=registry)
         self.concurrency_limit = Gauge(
@@ -112,12 +114,11 @@ class GatewayMetrics:
             ("upstream",),
             registry=registry,
         )
-        self.draining = Gauge(
-            "gateway_draining", "1 while the gateway drains before exit.", registry=registry
-        )
+        self.draining = Gauge("gateway_draining", "1 while the gateway drains before exit.", registry=registry)
         Gauge("gateway_build_info", "Build information; always 1.", ("version",), registry=registry).labels(
             __version__
         ).set(1)
+        self._declared: set[str] = set()
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
@@ -127,3 +128,13 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def declare(self, models: Iterable[str]) -> None:
+        """Create each error series of a served model at 0, so rate() sees its first increment."""
+        for model in models:
+            if model in self._declared:
+                continue
+            self._declared.add(model)
+            for endpoint in GENERATION_ENDPOINTS:
+                for error_type in ERROR_TYPES:
+                    self.child(self.errors, model, endpoint, error_type)

@@ -67,9 +67,7 @@ _QUERIES: dict[str, Callable[[ModuleType, Any], Any]] = {
     "uuid": lambda nvml, h: _text(nvml.nvmlDeviceGetUUID(h)),
     "memory": lambda nvml, h: nvml.nvmlDeviceGetMemoryInfo(h),
     "utilization_ratio": lambda nvml, h: nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100,
-    "temperature_celsius": lambda nvml, h: float(
-        nvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
-    ),
+    "temperature_celsius": lambda nvml, h: float(nvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)),
     "power_watts": lambda nvml, h: nvml.nvmlDeviceGetPowerUsage(h) / 1000,
     "power_limit_watts": lambda nvml, h: nvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000,
     "clocks_event_reasons": _clocks_event_reasons,

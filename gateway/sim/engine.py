@@ -53,7 +53,7 @@ class Faults:
     latency: float = 0.0  # seconds added before the engine starts on a request
     drop_after_tokens: int = -1  # close the connection after this many streamed tokens; -1 = never
     hang: bool = False  # accept requests and never answer
-    refuse_seconds: float = 0.0  # stop listening for this long (set through the admin endpoint)
+    refuse_seconds: float = 0.0  # stop listening and drop open connections for this long (admin endpoint)
     metrics_delay: float = 0.0  # seconds /metrics takes to answer
 
     def update(self, values: dict[str, Any]) -> None:
@@ -131,9 +131,7 @@ class SimEngine:
         m.running.set(self.running)
         m.waiting.set(self.waiting)
         m.kv_usage.set(min(1.0, self.kv_tokens / self.settings.kv_cache_tokens))
-        return web.Response(
-            body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
-        )
+        return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         chat = request.path.endswith("/chat/completions")
@@ -213,6 +211,9 @@ class SimEngine:
         server = self.site._server  # the listening socket of aiohttp's TCPSite
         if server is not None:
             server.close()
+        if self.runner is not None and self.runner.server is not None:
+            for connection in self.runner.server.connections:
+                connection.force_close()  # as a restarting engine: open connections drop too
         log.warning("sim: refusing connections for %.1f s", seconds)
         self._reopen = asyncio.get_running_loop().call_later(seconds, self._listen_again)
 
@@ -272,9 +273,7 @@ class _Run:
         self.completion_tokens = completion_tokens
         self.finish = finish
         self.entry = entry
-        self.id = ("chatcmpl-" if chat else "cmpl-") + (
-            request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        )
+        self.id = ("chatcmpl-" if chat else "cmpl-") + (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
         self.created = int(time.time())
         self.model = body.get("model") or engine.settings.model
 
@@ -317,7 +316,8 @@ class _Run:
     def _aborted(self) -> None:
         self.engine.aborted += 1
         self.engine.metrics.finished("abort")
-        self.entry["outcome"] = "abort"
+        if self.entry["outcome"] != "dropped":  # the engine's own drop fault is not the client's abort
+            self.entry["outcome"] = "abort"
 
     async def _prefill(self, started: float) -> None:
         s = self.engine.settings

@@ -18,24 +18,16 @@ class VllmMetrics:
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
-        self.running = Gauge(
-            "vllm:num_requests_running", "Requests in model execution batches.", labels, registry=r
-        )
-        self.waiting = Gauge(
-            "vllm:num_requests_waiting", "Requests waiting to be processed.", labels, registry=r
-        )
+        self.running = Gauge("vllm:num_requests_running", "Requests in model execution batches.", labels, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", labels, registry=r)
         self.kv_usage = Gauge(
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, registry=r
         )
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r
-        )
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r)
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r
         )
-        self.preemptions = Counter(
-            "vllm:num_preemptions", "Cumulative number of preemption.", labels, registry=r
-        )
+        self.preemptions = Counter("vllm:num_preemptions", "Cumulative number of preemption.", labels, registry=r)
         self.prefix_queries = Counter(
             "vllm:prefix_cache_queries",
             "Prefix cache queries, in terms of number of queried tokens.",
@@ -57,9 +49,7 @@ class VllmMetrics:
         self.ttft = hist(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", buckets.TTFT
         )
-        self.itl = hist(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", buckets.ITL
-        )
+        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", buckets.ITL)
         self.e2e = hist(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
