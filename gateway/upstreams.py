@@ -47,6 +47,7 @@ class UpstreamPool:
         self.upstreams = [Upstream(url.rstrip("/")) for url in dict.fromkeys(urls)]
         self.fail_threshold = fail_threshold
         self.success_threshold = success_threshold
+        self._served: dict[str, int] = {}  # read on every request: rebuilt only when a check changes it
 
     def candidates(self) -> list[Upstream]:
         """Every engine in the order to try: an engine not known to be up is still tried last."""
@@ -59,10 +60,8 @@ class UpstreamPool:
         return any(u.up for u in self.upstreams)
 
     def models(self) -> dict[str, int]:
-        served: dict[str, int] = {}
-        for u in self.upstreams:
-            served.update(u.models)
-        return served
+        """Every served model and its context window, as last seen by the health checks."""
+        return self._served
 
     def mark_down(self, upstream: Upstream, reason: str) -> None:
         """A request could not connect: stop sending it traffic until a health check succeeds again."""
@@ -75,8 +74,9 @@ class UpstreamPool:
 
     def record_check(self, upstream: Upstream, error: str | None, models: dict[str, int] | None) -> None:
         upstream.last_check = time.monotonic()
-        if models:
+        if models and models != upstream.models:
             upstream.models = models
+            self._served = {name: n for u in self.upstreams for name, n in u.models.items()}
         if error is None:
             upstream.fails = 0
             upstream.successes += 1
