@@ -61,7 +61,7 @@ class Gateway:
         )
         self.gpu = GpuCollector()
         self.host = HostCollector()
-        for collector in (self.engines, self.gpu, self.host):
+        for collector in (self.gpu, self.host):
             self.registry.register(collector)
         self._state_gauges()
         self.health = health.HealthChecker(self)
@@ -103,7 +103,7 @@ class Gateway:
     async def metrics_page(self, request: web.Request) -> web.Response:
         """One scrape: the gateway's series, each engine's vllm:* series, GPUs and host."""
         await self.engines.refresh(self.session)
-        body = generate_latest(self.registry)
+        body = generate_latest(self.registry) + self.engines.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     def app(self) -> web.Application:

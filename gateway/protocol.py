@@ -24,7 +24,7 @@ _OPTIONAL_INT = (int, type(None))
 class Generation:
     """What the gateway needs to know of one chat or completions request."""
 
-    body: bytes  # what is sent to the engine
+    body: bytes | bytearray  # what is sent to the engine
     model: str
     stream: bool
     prompt_tokens: int  # estimated
@@ -52,7 +52,7 @@ def is_glm4(model: str) -> bool:
     return "glm4" in name
 
 
-def parse_generation(path: str, raw: bytes, *, glm_stops: Callable[[str], bool] | None) -> Generation:
+def parse_generation(path: str, raw: bytes | bytearray, *, glm_stops: Callable[[str], bool] | None) -> Generation:
     """Validate a chat/completions body and return what admission and metrics need.
 
     The body is forwarded as received unless the gateway must add fields; then the fields are
@@ -78,22 +78,7 @@ def parse_generation(path: str, raw: bytes, *, glm_stops: Callable[[str], bool] 
         raise _invalid("'stop_token_ids' must be a list of integers", "stop_token_ids")
     stream_options = _check(obj, "stream_options", (dict, type(None)), "an object")
 
-    if path == CHAT:
-        messages = obj.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _invalid("'messages' must be a non-empty list", "messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise _invalid(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}].role")
-            content = m.get("content")
-            if content is not None and not isinstance(content, str | list):
-                raise _invalid(f"messages[{i}].content must be a string or a list", f"messages[{i}].content")
-        estimate = tokens.messages_tokens(messages)
-    else:
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str | list):
-            raise _invalid("'prompt' must be a string, a list of strings or a list of token ids", "prompt")
-        estimate = tokens.prompt_tokens(prompt)
+    estimate = _estimate_prompt(path, obj)
 
     added: dict[str, Any] = {}
     if stop_ids is None and glm_stops is not None and glm_stops(model):
@@ -105,12 +90,34 @@ def parse_generation(path: str, raw: bytes, *, glm_stops: Callable[[str], bool] 
         obj.update(added, stream_options={**(stream_options or {}), "include_usage": True})
         body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
     else:
+        del obj  # the parsed prompt is as large as the body: let it go before copying the body
         if strip_usage:
             added["stream_options"] = {"include_usage": True}
         if added:
             start = raw.index(b"{") + 1
-            body = b"".join((b"{", json.dumps(added, separators=(",", ":"))[1:-1].encode(), b",", raw[start:]))
+            fields = json.dumps(added, separators=(",", ":"))[1:-1].encode()
+            body = b"".join((b"{", fields, b",", memoryview(raw)[start:]))
     return Generation(body, model, bool(stream), estimate, max_tokens, strip_usage)
+
+
+def _estimate_prompt(path: str, obj: dict[str, Any]) -> int:
+    """Check the prompt's shape and estimate its tokens."""
+    if path == CHAT:
+        messages = obj.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _invalid("'messages' must be a non-empty list", "messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _invalid(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}].role")
+            content = m.get("content")
+            if content is not None and not isinstance(content, str | list):
+                raise _invalid(f"messages[{i}].content must be a string or a list", f"messages[{i}].content")
+        return tokens.messages_tokens(messages)
+    else:
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str | list):
+            raise _invalid("'prompt' must be a string, a list of strings or a list of token ids", "prompt")
+        return tokens.prompt_tokens(prompt)
 
 
 def context_error(context_window: int, prompt: int, max_tokens: int | None) -> GatewayError | None:

@@ -107,7 +107,7 @@ class Proxy:
 
     # -- receive ------------------------------------------------------------------------------------
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.Request) -> bytearray:
         """Read the body, counting bytes ourselves: chunked bodies have no Content-Length to check."""
         limit = self.settings.max_body_bytes
         too_large = GatewayError("body_too_large", f"Request body is larger than the gateway's limit of {limit} bytes.")
@@ -115,14 +115,14 @@ class Proxy:
         if length is not None and length > limit:
             raise too_large
         if not request.body_exists:
-            return b""
+            return bytearray()
         buf = bytearray()
         content = request.content
         while chunk := await content.readany():
             buf += chunk
             if len(buf) > limit:
                 raise too_large
-        return bytes(buf)
+        return buf  # no copy: json.loads and the client both take a bytearray
 
     def _serves_glm4(self, model: str) -> bool:
         """Is the model a request names (or the default one, when it names none) a GLM-4 model?"""
@@ -210,7 +210,7 @@ class Proxy:
     # -- forward --------------------------------------------------------------------------------------
 
     async def _connect(
-        self, request: web.Request, request_id: str, body: bytes
+        self, request: web.Request, request_id: str, body: bytes | bytearray
     ) -> tuple[Upstream, aiohttp.ClientResponse]:
         """Send the request to the best engine; an engine that refuses the connection is skipped."""
         assert self.session is not None
@@ -249,7 +249,7 @@ class Proxy:
         raise GatewayError("upstream_unavailable", f"No engine could be reached ({reason}).")
 
     async def _forward(
-        self, request: web.Request, request_id: str, body: bytes, gen: Generation | None, ex: _Exchange
+        self, request: web.Request, request_id: str, body: bytes | bytearray, gen: Generation | None, ex: _Exchange
     ) -> web.StreamResponse:
         sent = perf_counter()
         upstream, resp = await self._connect(request, request_id, body)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 import aiohttp
+from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -68,10 +69,24 @@ class EngineSource:
 
 
 class EngineCollector(Collector):
-    """Merges the cached families of every engine so each family is written once."""
+    """Merges the cached families of every engine so each family is written once.
+
+    The text is rendered once per fetch, not once per scrape: a vLLM engine exports hundreds of
+    samples and several scrapers may ask every second.
+    """
 
     def __init__(self, sources: Iterable[EngineSource]) -> None:
         self.sources = list(sources)
+        self._text = b""
+        self._rendered_from: tuple[float, ...] = ()
+
+    def exposition(self) -> bytes:
+        """The merged families in the classic text format, as of the last fetches."""
+        fetched = tuple(s.fetched_at for s in self.sources)
+        if fetched != self._rendered_from:
+            self._text = generate_latest(self)  # type: ignore[arg-type]
+            self._rendered_from = fetched
+        return self._text
 
     async def refresh(self, session: aiohttp.ClientSession) -> None:
         await asyncio.gather(*(s.refresh(session) for s in self.sources))
