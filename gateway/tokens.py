@@ -1,7 +1,7 @@
 """Prompt-token estimate: a fast lower bound of what GLM-4's tokenizer counts, without the tokenizer.
 
 The estimate assumes a token holds at most 4 ASCII characters or 2 other characters (CJK text:
-about 2 characters per token on GLM-4's 151,552-token vocabulary), that spaces and newlines ride
+about 2 characters per token on GLM-4's 151,552-token vocabulary), that spaces, tabs and newlines ride
 along with their neighbours for free (BPE merges indentation runs into a token or two), plus 2
 template tokens per chat message.  Real BPE tokens are usually shorter than that, so the estimate
 is at or below the engine's count for natural text and code, and the gateway does not reject what
@@ -20,7 +20,7 @@ TOKENS_PER_MESSAGE = 2  # GLM-4 template: a role token and a newline around each
 def text_tokens(text: str) -> int:
     """Estimated tokens of one string: characters / 4 for ASCII, / 2 for the rest; whitespace is free."""
     chars = len(text)
-    blank = text.count(" ") + text.count("\n")
+    blank = text.count(" ") + text.count("\n") + text.count("\t")
     if text.isascii():
         return (chars - blank) // 4
     # every non-ASCII character takes 2 to 4 bytes in UTF-8; CJK takes 3

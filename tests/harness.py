@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -168,17 +167,6 @@ def wait_http(url: str, timeout: float = 30.0, status: int | None = 200) -> None
         time.sleep(0.05)
 
 
-def processes(*procs: Process) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.stop()
-
-
-# -- helpers for the proxy, admission and fault tests ----------------------------------------------------
-
-
 async def start_sim_at(port: int, **overrides: Any) -> Sim:
     """A simulated engine on a given port (to bring an engine back where the gateway expects it)."""
     settings = SimSettings(**{"port": port, **FAST_SIM, **overrides})
@@ -251,11 +239,3 @@ def wait_until(predicate: Any, what: str, timeout: float = 30.0, interval: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
-
-
-def drop_connections(sim: Sim) -> None:
-    """Close every connection the engine has open, as an engine that restarts does."""
-    server = sim.runner.server
-    assert server is not None
-    for handler in server.connections:
-        handler.force_close()

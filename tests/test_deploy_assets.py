@@ -55,10 +55,7 @@ def _seconds(duration: str) -> float:
 
 def _k8s_docs() -> list[tuple[Path, dict]]:
     return [
-        (path, doc)
-        for path in K8S_MANIFESTS
-        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
-        if doc
+        (path, doc) for path in K8S_MANIFESTS for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc
     ]
 
 

@@ -122,9 +122,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def value(
-    parsed: dict[tuple[str, tuple[tuple[str, str], ...]], float], metric: str, /, **labels: str
-) -> float:
+def value(parsed: dict[tuple[str, tuple[tuple[str, str], ...]], float], metric: str, /, **labels: str) -> float:
     return parsed[(metric, tuple(sorted(labels.items())))]
 
 
@@ -282,8 +280,6 @@ def test_real_pynvml_without_driver() -> None:
 def test_promtool_lint() -> None:
     gpus = [FakeGpu(ecc={pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED: 1}), FakeGpu(lost=True)]
     text = scrape(GpuCollector(FakeNvml(gpus)), HostCollector())
-    result = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
-    )
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == ""

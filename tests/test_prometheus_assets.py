@@ -204,9 +204,7 @@ def test_required_alerts_present() -> None:
 
 def test_every_alert_is_documented() -> None:
     headings = {
-        _anchor(line.lstrip("#"))
-        for line in README.read_text(encoding="utf-8").splitlines()
-        if line.startswith("#")
+        _anchor(line.lstrip("#")) for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("#")
     }
     for rule in _alerts():
         name = rule["alert"]

@@ -1,0 +1,52 @@
+"""The benchmark harness runs end to end on a tiny workload and writes a result for every workload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.env import missing_tools
+from bench.workloads import WORKLOADS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(
+    bool(missing_tools()), reason=f"the benchmark needs nginx and wrk; missing: {', '.join(missing_tools())}"
+)
+def test_quick_bench_writes_every_workload(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = tmp_path.glob("*-quick.json")
+    doc = json.loads(result.read_text())
+    assert sorted(doc["workloads"]) == sorted(str(w) for w in WORKLOADS)
+    assert {row["workload"] for row in doc["rows"]} == set(WORKLOADS)
+    for number, workload in doc["workloads"].items():
+        assert workload["rows"], f"workload {number} has no rows"
+        assert all(runs for runs in workload["runs"].values()), f"workload {number} has a config without runs"
+    assert doc["machine"]["cpu_model"] and doc["versions"]["nginx"] and doc["versions"]["wrk"]
+
+
+def test_missing_tools_are_reported_not_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import env, run
+
+    monkeypatch.setattr(env, "find_tool", lambda name: None)
+    installed: list[list[str]] = []
+    monkeypatch.setattr(env, "install", lambda names: installed.append(names) or 1)
+    assert run.main(["--quick"]) == 3
+    err = capsys.readouterr().err
+    assert "apt-get install -y --no-install-recommends nginx wrk" in err
+    assert installed == []
