@@ -1,0 +1,1 @@
+"""Benchmark harness: glm-gateway against nginx and direct access to the simulated engine."""
