@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -84,9 +85,12 @@ class Admission:
                 await waiter.future
         except BaseException as exc:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release(cost)  # granted at the moment we gave up: hand the slot on
+                self._give_back(cost)  # granted at the moment we gave up: hand the slot on
             else:
-                self._waiters.remove(waiter)
+                # _wake may have dropped it already: cancelling the task cancels the future at once,
+                # and a release can run before this task does
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
                 self._wake()  # a large request leaving the head may let smaller ones in
             if isinstance(exc, TimeoutError):
                 raise GatewayError(
@@ -98,17 +102,27 @@ class Admission:
         return time.monotonic() - start
 
     def release(self, cost: int) -> None:
+        """A forwarded request finished: its slot and tokens go to the next waiters."""
+        self._releases.append(time.monotonic())  # measures the rate behind Retry-After
+        self._give_back(cost)
+
+    def _give_back(self, cost: int) -> None:
         self.in_flight -= 1
         self.tokens_in_flight -= cost
-        self._releases.append(time.monotonic())
         self._wake()
 
     def _wake(self) -> None:
         waiters = self._waiters
-        while waiters and self._fits(waiters[0].cost):
-            waiter = waiters.popleft()
-            self._take(waiter.cost)
-            waiter.future.set_result(None)
+        while waiters:
+            head = waiters[0]
+            if head.future.done():  # cancelled; its task has not run its clean-up yet
+                waiters.popleft()
+                continue
+            if not self._fits(head.cost):
+                return
+            waiters.popleft()
+            self._take(head.cost)
+            head.future.set_result(None)
 
     def stats(self) -> dict[str, int | float]:
         return {

@@ -73,8 +73,8 @@ class _Exchange:
     """What one request measured on its way through, recorded once at the end."""
 
     __slots__ = (
-        "completion_tokens", "endpoint", "error_type", "first_byte", "model", "prompt_tokens", "queue_wait",
-        "relay", "start", "status", "ttft",
+        "completion_tokens", "endpoint", "error_type", "first_byte", "first_byte_at", "model", "prompt_tokens",
+        "queue_wait", "relay", "start", "status", "ttft",
     )  # fmt: skip
 
     def __init__(self, start: float, endpoint: str) -> None:
@@ -85,6 +85,7 @@ class _Exchange:
         self.error_type: str | None = None
         self.queue_wait: float | None = None
         self.first_byte: float | None = None
+        self.first_byte_at = 0.0
         self.relay: float | None = None
         self.ttft: float | None = None
         self.prompt_tokens: int | None = None
@@ -226,7 +227,7 @@ class Proxy:
             send = partial(
                 self.session.request,
                 request.method,
-                upstream.url + request.path_qs,
+                upstream.url_for(request.rel_url.raw_path_qs),
                 data=body or None,
                 headers=headers,
                 allow_redirects=False,
@@ -258,14 +259,13 @@ class Proxy:
     ) -> web.StreamResponse:
         sent = perf_counter()
         upstream, resp = await self._connect(request, request_id, body)
-        headers_at = perf_counter()
-        ex.first_byte = headers_at - sent
+        ex.first_byte_at = perf_counter()  # a stream moves it to its first event: vLLM sends headers at once
         try:
             headers = _filter_headers(resp.headers, request_id)
             if resp.content_type == _SSE and gen is not None:
                 out = await self._relay_events(request, resp, headers, gen, ex)
             elif resp.content_length is not None and resp.content_length <= _INLINE_BODY_MAX:
-                out = await self._relay_whole(resp, headers, gen, ex)
+                out = await self._relay_whole(request, resp, headers, gen, ex)
             else:
                 out = await self._relay_bytes(request, resp, headers, ex)
         except BaseException:
@@ -273,7 +273,8 @@ class Proxy:
             raise
         finally:
             upstream.in_flight -= 1
-            ex.relay = perf_counter() - headers_at
+            ex.first_byte = ex.first_byte_at - sent
+            ex.relay = perf_counter() - ex.first_byte_at
         resp.release()
         if ex.status >= 500 and ex.error_type is None:
             ex.error_type = "upstream_error"  # the engine's own failure, passed through as it was
@@ -290,7 +291,12 @@ class Proxy:
     # -- relay ----------------------------------------------------------------------------------------
 
     async def _relay_whole(
-        self, resp: aiohttp.ClientResponse, headers: CIMultiDict[str], gen: Generation | None, ex: _Exchange
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        gen: Generation | None,
+        ex: _Exchange,
     ) -> web.Response:
         try:
             data = await resp.read()
@@ -300,7 +306,10 @@ class Proxy:
         ex.status = resp.status
         if gen is not None and resp.status == 200:
             self._usage(data, ex)
-        return web.Response(status=resp.status, reason=resp.reason, body=data, headers=headers)
+        out = web.Response(status=resp.status, reason=resp.reason, body=data, headers=headers)
+        await out.prepare(request)  # written here, so the duration and a client leaving are recorded
+        await out.write_eof()
+        return out
 
     async def _relay_bytes(
         self, request: web.Request, resp: aiohttp.ClientResponse, headers: CIMultiDict[str], ex: _Exchange
@@ -338,8 +347,12 @@ class Proxy:
         last = 0.0
         events = 0
         strip = gen.strip_usage
+        first = True
         try:
             async for chunk in resp.content.iter_any():
+                if first:
+                    ex.first_byte_at = perf_counter()  # the engine's queue and prefill end here
+                    first = False
                 if carry:
                     chunk = carry + chunk
                 end = chunk.rfind(b"\n\n") + 2

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+from yarl import URL
 
 from gateway.settings import Settings
 
@@ -28,6 +29,16 @@ class Upstream:
     last_error: str = ""
     last_check: float = 0.0
     models: dict[str, int] = field(default_factory=dict)  # served model id -> max_model_len
+    _urls: dict[str, URL] = field(default_factory=dict, repr=False)
+
+    def url_for(self, path_qs: str) -> URL:
+        """The engine URL of a request path; parsed once per path (the OpenAI routes are few)."""
+        url = self._urls.get(path_qs)
+        if url is None:
+            url = URL(self.url + path_qs, encoded=True)
+            if len(self._urls) < 256 and "?" not in path_qs:
+                self._urls[path_qs] = url
+        return url
 
     def public(self) -> dict[str, object]:
         return {

@@ -662,3 +662,18 @@ async def test_request_waits_for_token_budget(stack: contextlib.AsyncExitStack) 
     assert value(text, "gateway_tokens_in_flight") == 0
     assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
     assert value(text, "gateway_request_errors_total", model=MODEL, error_type="client_disconnected") == 1
+
+
+async def test_waiter_cancelled_as_a_slot_frees_leaks_nothing() -> None:
+    """Cancelling a queued request cancels its future at once; a release in the same loop turn must
+    skip it, not grant it a slot that nobody will give back."""
+    admission = Admission(1, 10, 5.0, 0)
+    await admission.acquire(0)
+    waiting = asyncio.create_task(admission.acquire(0))
+    await asyncio.sleep(0)
+    assert admission.queue_depth == 1
+    waiting.cancel()
+    admission.release(0)  # before the cancelled task has run its clean-up
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (admission.in_flight, admission.queue_depth) == (0, 0)

@@ -280,6 +280,11 @@ class _Run:
     async def execute(self) -> web.StreamResponse:
         engine, m = self.engine, self.engine.metrics
         arrived = time.monotonic()
+        stream = None
+        if self.body.get("stream"):
+            # vLLM's StreamingResponse sends its headers before the request is even scheduled
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+            await stream.prepare(self.request)
         engine.waiting += 1
         try:
             await engine.slots.acquire()
@@ -293,8 +298,8 @@ class _Run:
         started = time.monotonic()
         m.queue_time.observe(started - arrived)
         try:
-            if self.body.get("stream"):
-                response = await self._stream(started)
+            if stream is not None:
+                response = await self._stream(stream, started)
             else:
                 response = await self._complete(started)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -397,10 +402,8 @@ class _Run:
         }
         return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
-    async def _stream(self, started: float) -> web.StreamResponse:
+    async def _stream(self, response: web.StreamResponse, started: float) -> web.StreamResponse:
         s, f, m = self.engine.settings, self.engine.faults, self.engine.metrics
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        await response.prepare(self.request)
         await self._prefill(started)
         decode_start = last = time.monotonic()
         if self.chat:
