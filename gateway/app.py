@@ -27,13 +27,11 @@ from gateway.metrics.engine import EngineCollector, EngineSource
 from gateway.metrics.gateway import GatewayMetrics
 from gateway.metrics.gpu import GpuCollector
 from gateway.metrics.host import HostCollector
-from gateway.proxy import Proxy
+from gateway.proxy import PROXIED_PATHS, Proxy
 from gateway.settings import Settings
 from gateway.upstreams import UpstreamPool, client_session
 
 log = logging.getLogger("gateway")
-
-PROXIED_PATHS = ("/tokenize", "/detokenize", "/version")
 
 
 class Gateway:
@@ -115,7 +113,7 @@ class Gateway:
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_routes(health.handlers(self))
         app.router.add_route("*", "/v1/{tail:.*}", handle)
-        for path in PROXIED_PATHS:
+        for path in PROXIED_PATHS:  # vLLM's own routes outside /v1
             app.router.add_route("*", path, handle)
         app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
         return app

@@ -51,6 +51,7 @@ class GatewayError(Exception):
         headers = {REQUEST_ID: request_id}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        response = web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
         if self.status == 413:
-            headers["Connection"] = "close"  # the rest of the body is never read
-        return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
+            response.force_close()  # the rest of the body is never read: do not wait for it
+        return response

@@ -31,7 +31,10 @@ class HealthChecker:
 
     async def run(self) -> None:
         while True:
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception:  # a bug here must not freeze every engine's state for good
+                log.exception("health check round failed")
             await asyncio.sleep(self.gw.settings.health_interval)
 
     async def check_all(self) -> None:
@@ -56,7 +59,15 @@ class HealthChecker:
             }
             if not models:
                 raise RuntimeError("serves no model")
-        except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        except (
+            aiohttp.ClientError,
+            TimeoutError,
+            RuntimeError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:
             self.gw.pool.record_check(upstream, f"{exc.__class__.__name__}: {exc}".rstrip(": "), None)
             return
         self.gw.pool.record_check(upstream, None, models)

@@ -100,15 +100,16 @@ def parse_generation(path: str, raw: bytes | bytearray, *, glm_stops: Callable[[
     if stop_ids is None and glm_stops is not None and glm_stops(model):
         added["stop_token_ids"] = list(GLM4_STOP_TOKEN_IDS)
     strip_usage = bool(stream) and not (stream_options and stream_options.get("include_usage"))
+    if strip_usage:
+        added["stream_options"] = {**(stream_options or {}), "include_usage": True}
     body = raw
-    if strip_usage and "stream_options" in obj:
-        # the client sent stream_options (null, or other options): merge them, a rare re-serialisation
-        obj.update(added, stream_options={**(stream_options or {}), "include_usage": True})
+    if any(key in obj for key in added):
+        # the client sent the key (as null, or stream_options with other options): a field spliced in
+        # front would lose to the client's later one, so re-serialise, the rare case
+        obj.update(added)
         body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
     else:
         del obj  # the parsed prompt is as large as the body: let it go before copying the body
-        if strip_usage:
-            added["stream_options"] = {"include_usage": True}
         if added:
             start = raw.index(b"{") + 1
             fields = json.dumps(added, separators=(",", ":"))[1:-1].encode()

@@ -34,7 +34,7 @@ _ids = itertools.count(1)
 # RFC 9110 §7.6.1, plus what the client library recomputes for the new hop
 _HOP_BY_HOP = frozenset(
     ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-     "trailer", "transfer-encoding", "upgrade", "host", "content-length")
+     "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect")
 )  # fmt: skip
 ENDPOINTS = {
     "/v1/chat/completions": "chat_completions",
@@ -46,6 +46,7 @@ ENDPOINTS = {
     "/detokenize": "detokenize",
     "/version": "version",
 }
+PROXIED_PATHS = tuple(path for path in ENDPOINTS if not path.startswith("/v1/"))
 _INLINE_BODY_MAX = 1 << 20  # answers up to this size are read whole and written in one go
 _SSE = "text/event-stream"
 _DONE = b"data: [DONE]\n\n"
@@ -67,6 +68,10 @@ def _filter_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiD
             out.add(name, value)
     out[REQUEST_ID] = request_id
     return out
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError("body_too_large", f"Request body is larger than the gateway's limit of {limit} bytes.")
 
 
 class _Exchange:
@@ -116,10 +121,9 @@ class Proxy:
     async def _read_body(self, request: web.Request) -> bytearray:
         """Read the body, counting bytes ourselves: chunked bodies have no Content-Length to check."""
         limit = self.settings.max_body_bytes
-        too_large = GatewayError("body_too_large", f"Request body is larger than the gateway's limit of {limit} bytes.")
         length = request.content_length
         if length is not None and length > limit:
-            raise too_large
+            raise _too_large(limit)
         if not request.body_exists:
             return bytearray()
         buf = bytearray()
@@ -127,18 +131,21 @@ class Proxy:
         while chunk := await content.readany():
             buf += chunk
             if len(buf) > limit:
-                raise too_large
+                raise _too_large(limit)
         return buf  # no copy: json.loads and the client both take a bytearray
 
     def _serves_glm4(self, model: str) -> bool:
         """Is the model a request names (or the default one, when it names none) a GLM-4 model?"""
         return is_glm4(model or next(iter(self.pool.models()), ""))
 
-    def context_window(self) -> int:
+    def context_window(self, model: str = "") -> int:
+        """--context-window, else the model's max_model_len, else the smallest served one."""
         if self.settings.context_window:
             return self.settings.context_window
-        lengths = self.pool.models().values()
-        return min(lengths) if lengths else DEFAULT_CONTEXT_WINDOW
+        served = self.pool.models()
+        if model in served:
+            return served[model]
+        return min(served.values()) if served else DEFAULT_CONTEXT_WINDOW
 
     def model_label(self, model: str) -> str:
         """Bounded label values: served models as they are, anything else folded into one value."""
@@ -197,9 +204,12 @@ class Proxy:
         cost = 0
         if admitted and request.path in GENERATION_PATHS:
             glm_stops = self._serves_glm4 if self.settings.glm_stop_tokens else None
-            gen = parse_generation(request.path, body, glm_stops=glm_stops)
+            if len(body) > _INLINE_BODY_MAX:  # tens of ms on a 6 MB prompt: keep the loop relaying streams
+                gen = await asyncio.to_thread(parse_generation, request.path, body, glm_stops=glm_stops)
+            else:
+                gen = parse_generation(request.path, body, glm_stops=glm_stops)
             ex.model = self.model_label(gen.model)
-            error = context_error(self.context_window(), gen.prompt_tokens, gen.max_tokens)
+            error = context_error(self.context_window(gen.model), gen.prompt_tokens, gen.max_tokens)
             if error is not None:
                 raise error
             ex.prompt_tokens = gen.prompt_tokens
@@ -221,6 +231,8 @@ class Proxy:
         """Send the request to the best engine; an engine that refuses the connection is skipped."""
         assert self.session is not None
         headers = _filter_headers(request.headers, request_id)
+        if request.path in GENERATION_PATHS:
+            headers["Accept-Encoding"] = "identity"  # the relay reads SSE events and usage counts
         reason = "no upstream configured"
         for upstream in self.pool.candidates():
             upstream.in_flight += 1
@@ -377,9 +389,9 @@ class Proxy:
                     if last == 0.0:
                         ex.ttft = now - start
                     else:
-                        itl.observe(now - last)  # type: ignore[attr-defined]
+                        itl.observe(now - last)
                     for _ in range(n - 1):
-                        itl.observe(0.0)  # type: ignore[attr-defined]  # events that arrived together
+                        itl.observe(0.0)  # events that arrived together
                     last = now
                 if chunk:
                     await out.write(chunk)

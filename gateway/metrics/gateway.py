@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -19,6 +20,7 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, *buckets.REQUEST_LATENCY)
 TOKEN_BUCKETS = (*buckets.tokens(1_000_000), 1048576.0)
 
 UNKNOWN_MODEL = "other"
+M = TypeVar("M", bound=MetricWrapperBase)
 GENERATION_ENDPOINTS = ("chat_completions", "completions")
 
 
@@ -119,9 +121,9 @@ class GatewayMetrics:
             __version__
         ).set(1)
         self._declared: set[str] = set()
-        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 
-    def child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+    def child(self, metric: M, *labels: str) -> M:
         """Label lookups on the hot path: prometheus_client validates each call, a dict does not."""
         key = (metric, labels)
         found = self._children.get(key)
