@@ -445,15 +445,15 @@ class Proxy:
         if ex.error_type is not None:
             self.requests_failed += 1
             child(m.errors, model, endpoint, ex.error_type).inc()
-        if ex.queue_wait is not None:
-            child(m.queue_wait, model, endpoint).observe(ex.queue_wait)
-        if ex.first_byte is not None:
-            child(m.first_byte, model, endpoint).observe(ex.first_byte)
-        if ex.relay is not None:
-            child(m.relay, model, endpoint).observe(ex.relay)
-        if ex.ttft is not None:
-            child(m.ttft, model, endpoint).observe(ex.ttft)
-        if ex.completion_tokens is not None:
-            child(m.completion_tokens, model, endpoint).observe(ex.completion_tokens)
-            if ex.prompt_tokens is not None:
-                child(m.prompt_tokens, model, endpoint).observe(ex.prompt_tokens)
+        # prompt tokens only for answered requests, whose count the engine's usage gives
+        prompt_tokens = ex.prompt_tokens if ex.completion_tokens is not None else None
+        for histogram, observed in (
+            (m.queue_wait, ex.queue_wait),
+            (m.first_byte, ex.first_byte),
+            (m.relay, ex.relay),
+            (m.ttft, ex.ttft),
+            (m.completion_tokens, ex.completion_tokens),
+            (m.prompt_tokens, prompt_tokens),
+        ):
+            if observed is not None:
+                child(histogram, model, endpoint).observe(observed)
