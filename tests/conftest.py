@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import openai
@@ -29,3 +30,10 @@ async def client(gw: Gw) -> AsyncIterator[openai.AsyncOpenAI]:
     c = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
     yield c
     await c.close()
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
+    """An exit stack closed at the end of the test (see ``sim_in``, ``gateway_in``, ``client_in``)."""
+    async with contextlib.AsyncExitStack() as st:
+        yield st

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -13,15 +14,21 @@ import time
 from typing import Any
 
 import aiohttp
+import openai
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway, make_runner
+from gateway.metrics.gpu import GpuCollector
 from gateway.settings import Settings, SimSettings
 from gateway.sim.engine import SimEngine, bound_port, serve
 
 FAST_SIM = {"ttft": 0.005, "itl": 0.001, "prefill_tokens_per_s": 1e9}
 FAST_GATEWAY = {"health_interval": 0.1, "health_fail_threshold": 2, "health_success_threshold": 2}
+
+MODEL = "glm-4-9b-chat-1m"
+HELLO = [{"role": "user", "content": "Hello"}]
+CHAT = "/v1/chat/completions"
 
 
 def free_port() -> int:
@@ -239,3 +246,60 @@ def wait_until(predicate: Any, what: str, timeout: float = 30.0, interval: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def gpu_available() -> bool:
+    """Whether this machine has an NVIDIA GPU the gateway's collector can read."""
+    collector = GpuCollector()
+    try:
+        return collector.available
+    finally:
+        collector.close()
+
+
+# -- helpers for tests that build their own engines and gateway (with the ``stack`` fixture) ----------------
+
+
+async def sim_in(stack: contextlib.AsyncExitStack, **overrides: Any) -> Sim:
+    """A simulated engine, closed when ``stack`` closes."""
+    sim = await start_sim(**overrides)
+    stack.push_async_callback(sim.close)
+    return sim
+
+
+async def gateway_in(
+    stack: contextlib.AsyncExitStack, urls: list[str], *, wait_ready: bool = True, **overrides: Any
+) -> Gw:
+    """A gateway in front of ``urls``, closed when ``stack`` closes."""
+    gw = await start_gateway(urls, wait_ready=wait_ready, **overrides)
+    stack.push_async_callback(gw.close)
+    return gw
+
+
+async def client_in(stack: contextlib.AsyncExitStack, gw: Gw) -> openai.AsyncOpenAI:
+    """An OpenAI client for ``gw`` (no retries, 30 s timeout), closed when ``stack`` closes."""
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
+    stack.push_async_callback(client.close)
+    return client
+
+
+async def fetch(
+    method: str, url: str, *, json_body: Any = None, data: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any, bytes]:
+    """One plain HTTP exchange: status, response headers, body bytes."""
+    async with aiohttp.ClientSession() as s, s.request(method, url, json=json_body, data=data, headers=headers) as r:
+        return r.status, r.headers, await r.read()
+
+
+async def post(
+    url: str, *, json_body: Any = None, data: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any, bytes]:
+    """One plain HTTP POST: status, response headers, body bytes."""
+    return await fetch("POST", url, json_body=json_body, data=data, headers=headers)
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has finished."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -18,13 +18,19 @@ from gateway import tokens
 from gateway.admission import Admission
 from gateway.errors import GatewayError
 from tests.harness import (
+    CHAT,
+    HELLO,
+    MODEL,
     Gw,
     Sim,
+    cancel,
+    client_in,
     error_body,
+    gateway_in,
+    post,
     settled,
+    sim_in,
     sim_metrics,
-    start_gateway,
-    start_sim,
     value,
     wait_for,
 )
@@ -32,50 +38,9 @@ from tests.harness import (
 # a hung exchange fails the test instead of hanging the run (pytest-timeout)
 pytestmark = pytest.mark.timeout(30)
 
-MODEL = "glm-4-9b-chat-1m"
-HELLO = [{"role": "user", "content": "Hello"}]
-CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
-    async with contextlib.AsyncExitStack() as st:
-        yield st
-
-
-async def sim_in(stack: contextlib.AsyncExitStack, **overrides: Any) -> Sim:
-    sim = await start_sim(**overrides)
-    stack.push_async_callback(sim.close)
-    return sim
-
-
-async def gateway_in(stack: contextlib.AsyncExitStack, urls: list[str], **overrides: Any) -> Gw:
-    gw = await start_gateway(urls, **overrides)
-    stack.push_async_callback(gw.close)
-    return gw
-
-
-async def client_in(stack: contextlib.AsyncExitStack, gw: Gw) -> openai.AsyncOpenAI:
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
-    stack.push_async_callback(client.close)
-    return client
-
-
-async def post(
-    url: str, *, json_body: Any = None, data: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any, bytes]:
-    async with aiohttp.ClientSession() as s, s.post(url, json=json_body, data=data, headers=headers) as r:
-        return r.status, r.headers, await r.read()
-
 
 def chat(max_tokens: int = 2) -> dict[str, Any]:
     return {"model": MODEL, "messages": HELLO, "max_tokens": max_tokens}
-
-
-async def cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 # -- body size --------------------------------------------------------------------------------------------

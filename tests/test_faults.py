@@ -5,22 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 
 from tests.harness import (
+    CHAT,
+    HELLO,
+    MODEL,
     Gw,
     Sim,
+    cancel,
+    client_in,
     error_body,
     free_port,
+    gateway_in,
+    post,
     settled,
+    sim_in,
     sim_metrics,
-    start_gateway,
-    start_sim,
     value,
     wait_for,
 )
@@ -28,50 +32,9 @@ from tests.harness import (
 # a hung exchange fails the test instead of hanging the run (pytest-timeout)
 pytestmark = pytest.mark.timeout(30)
 
-MODEL = "glm-4-9b-chat-1m"
-HELLO = [{"role": "user", "content": "Hello"}]
-CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
-    async with contextlib.AsyncExitStack() as st:
-        yield st
-
-
-async def sim_in(stack: contextlib.AsyncExitStack, **overrides: Any) -> Sim:
-    sim = await start_sim(**overrides)
-    stack.push_async_callback(sim.close)
-    return sim
-
-
-async def gateway_in(
-    stack: contextlib.AsyncExitStack, urls: list[str], *, wait_ready: bool = True, **overrides: Any
-) -> Gw:
-    gw = await start_gateway(urls, wait_ready=wait_ready, **overrides)
-    stack.push_async_callback(gw.close)
-    return gw
-
-
-async def client_in(stack: contextlib.AsyncExitStack, gw: Gw) -> openai.AsyncOpenAI:
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
-    stack.push_async_callback(client.close)
-    return client
-
-
-async def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
-    async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=headers) as r:
-        return r.status, r.headers, await r.read()
-
 
 def chat(max_tokens: int = 2, *, stream: bool = False) -> dict[str, Any]:
     return {"model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "stream": stream}
-
-
-async def cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def aborts(sim: Sim) -> float:
@@ -89,7 +52,7 @@ async def test_engine_unreachable_is_502(stack: contextlib.AsyncExitStack) -> No
     assert caught.value.status_code == 502
     error_body(caught.value.response.json(), code="upstream_unavailable", type="server_error")
     assert caught.value.response.headers["X-Request-Id"]
-    status, _, raw = await post(gw.url + CHAT, chat(stream=True))
+    status, _, raw = await post(gw.url + CHAT, json_body=chat(stream=True))
     assert status == 502
     error_body(json.loads(raw), code="upstream_unavailable", type="server_error")
     text = await gw.metrics()
@@ -102,7 +65,7 @@ async def test_engine_unreachable_is_502(stack: contextlib.AsyncExitStack) -> No
 async def test_engine_silent_is_504(stack: contextlib.AsyncExitStack, sim: Sim) -> None:
     gw = await gateway_in(stack, [sim.url], upstream_read_timeout=0.3)
     await sim.faults(hang=True)
-    status, headers, raw = await post(gw.url + CHAT, chat(), {"X-Request-Id": "silent"})
+    status, headers, raw = await post(gw.url + CHAT, json_body=chat(), headers={"X-Request-Id": "silent"})
     assert status == 504
     assert headers["X-Request-Id"] == "silent"
     error_body(json.loads(raw), code="upstream_timeout", type="server_error")
@@ -139,7 +102,7 @@ async def test_engine_silent_mid_stream(stack: contextlib.AsyncExitStack) -> Non
 @pytest.mark.parametrize("stream", [False, True])
 async def test_engine_errors_pass_through(gw: Gw, sim: Sim, status: int, stream: bool) -> None:
     await sim.faults(error_rate=1.0, error_status=status)
-    got, headers, raw = await post(gw.url + CHAT, chat(stream=stream), {"X-Request-Id": "err"})
+    got, headers, raw = await post(gw.url + CHAT, json_body=chat(stream=stream), headers={"X-Request-Id": "err"})
     assert got == status
     assert headers["X-Request-Id"] == "err"
     # untouched: the engine's own body
@@ -193,7 +156,7 @@ async def test_engine_drops_mid_stream(client: openai.AsyncOpenAI, gw: Gw, sim: 
 
 async def test_engine_drop_ends_with_error_event_and_done(gw: Gw, sim: Sim) -> None:
     await sim.faults(drop_after_tokens=2)
-    status, _, raw = await post(gw.url + CHAT, chat(8, stream=True))
+    status, _, raw = await post(gw.url + CHAT, json_body=chat(8, stream=True))
     assert status == 200
     events = raw.split(b"\n\n")
     assert events[-2:] == [b"data: [DONE]", b""]
@@ -291,7 +254,7 @@ async def test_disconnect_during_silent_prefill_stream(stack: contextlib.AsyncEx
 async def test_disconnect_during_silent_prefill_not_streamed(stack: contextlib.AsyncExitStack) -> None:
     sim = await sim_in(stack, ttft=30.0)
     gw = await gateway_in(stack, [sim.url])
-    task = asyncio.create_task(post(gw.url + CHAT, chat()))
+    task = asyncio.create_task(post(gw.url + CHAT, json_body=chat()))
     await wait_for(lambda: sim.engine.running == 1, "the engine in prefill")
     await cancel(task)
     await wait_for(lambda: sim.outcomes() == ["abort"], "the engine to abort the prefill")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -15,6 +16,8 @@ import pytest
 
 from gateway.upstreams import Upstream, UpstreamPool
 from tests.harness import (
+    HELLO,
+    MODEL,
     Gw,
     Process,
     Sim,
@@ -26,9 +29,6 @@ from tests.harness import (
     wait_for,
     wait_http,
 )
-
-MODEL = "glm-4-9b-chat-1m"
-HELLO = [{"role": "user", "content": "Hello"}]
 
 
 async def get(url: str) -> tuple[int, Any]:
@@ -327,37 +327,45 @@ async def ready_turns_503(url: str) -> dict[str, Any]:
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def stream_then_sigterm(
+    proc: Process, url: str, max_tokens: int
+) -> AsyncIterator[tuple[aiohttp.ClientSession, SSE]]:
+    """Open a stream through the gateway process, wait for its first token, then send SIGTERM."""
+    async with aiohttp.ClientSession() as session:
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "stream": True}
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            sse = SSE(resp)
+            await sse.first_token()
+            proc.signal(signal.SIGTERM)
+            yield session, sse
+
+
 async def test_sigterm_drains_open_streams_and_exits_0(sim_process: str) -> None:
     proc, url = gateway_process(sim_process)
     try:
-        async with aiohttp.ClientSession() as session:
-            body = {"model": MODEL, "messages": HELLO, "max_tokens": 40, "stream": True}
-            async with session.post(url + "/v1/chat/completions", json=body) as resp:
-                assert resp.status == 200
-                sse = SSE(resp)
-                await sse.first_token()
-                proc.signal(signal.SIGTERM)
+        async with stream_then_sigterm(proc, url, 40) as (session, sse):
+            ready = await asyncio.wait_for(ready_turns_503(url), 20)
+            assert ready["status"] == "not ready"
+            assert any(r.startswith("draining") for r in ready["reasons"]), ready
+            assert (await get(url + "/health/live"))[0] == 200
+            async with session.get(url + "/metrics") as page:
+                assert page.status == 200
+                text = await page.text()
+            assert value(text, "gateway_draining") == 1
+            assert value(text, "gateway_requests_in_flight") == 1
 
-                ready = await asyncio.wait_for(ready_turns_503(url), 20)
-                assert ready["status"] == "not ready"
-                assert any(r.startswith("draining") for r in ready["reasons"]), ready
-                assert (await get(url + "/health/live"))[0] == 200
-                async with session.get(url + "/metrics") as page:
-                    assert page.status == 200
-                    text = await page.text()
-                assert value(text, "gateway_draining") == 1
-                assert value(text, "gateway_requests_in_flight") == 1
+            async with session.post(
+                url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            ) as refused:
+                assert refused.status == 503
+                assert int(refused.headers["Retry-After"]) >= 1
+                error = (await refused.json())["error"]
+                assert error["code"] == "draining"
 
-                async with session.post(
-                    url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2}
-                ) as refused:
-                    assert refused.status == 503
-                    assert int(refused.headers["Retry-After"]) >= 1
-                    error = (await refused.json())["error"]
-                    assert error["code"] == "draining"
-
-                await sse.rest()
-                assert sse.done and sse.tokens == 40
+            await sse.rest()
+            assert sse.done and sse.tokens == 40
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:
         proc.stop()
@@ -366,17 +374,11 @@ async def test_sigterm_drains_open_streams_and_exits_0(sim_process: str) -> None
 async def test_second_sigterm_cuts_streams_off_and_exits_0(sim_process: str) -> None:
     proc, url = gateway_process(sim_process)
     try:
-        async with aiohttp.ClientSession() as session:
-            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2000, "stream": True}
-            async with session.post(url + "/v1/chat/completions", json=body) as resp:
-                assert resp.status == 200
-                sse = SSE(resp)
-                await sse.first_token()
-                proc.signal(signal.SIGTERM)
-                await asyncio.wait_for(ready_turns_503(url), 20)
-                proc.signal(signal.SIGTERM)
-                await asyncio.wait_for(sse.rest(), 30)
-                assert not sse.done and 0 < sse.tokens < 2000
+        async with stream_then_sigterm(proc, url, 2000) as (_session, sse):
+            await asyncio.wait_for(ready_turns_503(url), 20)
+            proc.signal(signal.SIGTERM)
+            await asyncio.wait_for(sse.rest(), 30)
+            assert not sse.done and 0 < sse.tokens < 2000
         assert await asyncio.to_thread(proc.wait, 30) == 0
         assert "second SIGTERM" in proc.output()
     finally:

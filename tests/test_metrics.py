@@ -19,11 +19,13 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
-from gateway.metrics.gpu import GpuCollector
 from tests.harness import (
+    MODEL,
     Gw,
     Sim,
     free_port,
+    gpu_available,
+    sim_metrics,
     start_counting_sim,
     start_gateway,
     start_sim,
@@ -31,7 +33,6 @@ from tests.harness import (
     wait_for,
 )
 
-MODEL = "glm-4-9b-chat-1m"
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -100,15 +101,6 @@ def vllm_samples(text: str, upstream: str | None = None) -> dict[tuple[str, froz
     return out
 
 
-async def sim_text(sim: Sim) -> str:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(sim.url + "/metrics", headers={"Accept": "text/plain"}) as r,
-    ):
-        assert r.status == 200
-        return await r.text()
-
-
 async def sim_idle(*sims: Sim) -> None:
     """The engines have finished every request, and recorded them in their metrics."""
     for sim in sims:
@@ -128,7 +120,7 @@ async def sim_idle(*sims: Sim) -> None:
 async def test_histograms_and_token_sums_match_the_traffic(gw: Gw, sim: Sim) -> None:
     client = client_for(gw)
     try:
-        sim0, gw0 = await sim_text(sim), await idle_metrics(gw)
+        sim0, gw0 = await sim_metrics(sim), await idle_metrics(gw)
 
         # N non-streamed requests: chat and completions
         replies = [
@@ -137,7 +129,7 @@ async def test_histograms_and_token_sums_match_the_traffic(gw: Gw, sim: Sim) -> 
             await client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5),
         ]
         await sim_idle(sim)
-        sim1, gw1 = await sim_text(sim), await idle_metrics(gw)
+        sim1, gw1 = await sim_metrics(sim), await idle_metrics(gw)
         usage = [r.usage for r in replies]
         assert all(u is not None for u in usage)
         completion = sum(u.completion_tokens for u in usage)  # type: ignore[union-attr]
@@ -185,7 +177,7 @@ async def test_histograms_and_token_sums_match_the_traffic(gw: Gw, sim: Sim) -> 
         assert streamed == [6, sim.engine.settings.output_tokens, 8, 7]
         assert streamed_usage is not None
         await sim_idle(sim)
-        sim2, gw2 = await sim_text(sim), await idle_metrics(gw)
+        sim2, gw2 = await sim_metrics(sim), await idle_metrics(gw)
         engine_generated = value(sim2, "vllm:generation_tokens_total") - value(sim1, "vllm:generation_tokens_total")
         engine_prompt = value(sim2, "vllm:prompt_tokens_total") - value(sim1, "vllm:prompt_tokens_total")
         assert engine_generated == sum(streamed)
@@ -349,34 +341,37 @@ async def test_client_errors_count_once_each() -> None:
         await sim.close()
 
 
-async def test_upstream_unavailable_counts_once() -> None:
-    gw = await start_gateway([f"http://127.0.0.1:{free_port()}"], wait_ready=False)
+async def fails_once(gw: Gw, status: int, code: str, *, active: int = 0, retry_after: bool = False) -> None:
+    """One chat request fails with ``status`` and error ``code`` (and a Retry-After if ``retry_after``), and only
+    the ``code`` error counter moves, by one; ``active``: requests running meanwhile."""
+    async with aiohttp.ClientSession() as s:
+
+        async def call() -> None:
+            got, headers, body = await post_chat(s, gw, max_tokens=2)
+            assert got == status and body["error"]["code"] == code
+            if retry_after:
+                assert int(headers["Retry-After"]) >= 1
+
+        assert await moved(gw, call, active=active) == {code: 1}
+
+
+async def counts_once(gw: Gw, status: int, code: str) -> None:
+    """fails_once on an otherwise idle gateway, which is left idle; then close ``gw``."""
     try:
-        async with aiohttp.ClientSession() as s:
-
-            async def call() -> None:
-                status, _, body = await post_chat(s, gw, max_tokens=2)
-                assert status == 502 and body["error"]["code"] == "upstream_unavailable"
-
-            assert await moved(gw, call) == {"upstream_unavailable": 1}
+        await fails_once(gw, status, code)
         gw.assert_idle()
     finally:
         await gw.close()
+
+
+async def test_upstream_unavailable_counts_once() -> None:
+    gw = await start_gateway([f"http://127.0.0.1:{free_port()}"], wait_ready=False)
+    await counts_once(gw, 502, "upstream_unavailable")
 
 
 async def test_upstream_timeout_counts_once(hung_sim: Sim) -> None:
     gw = await start_gateway([hung_sim.url], upstream_read_timeout=0.2)
-    try:
-        async with aiohttp.ClientSession() as s:
-
-            async def call() -> None:
-                status, _, body = await post_chat(s, gw, max_tokens=2)
-                assert status == 504 and body["error"]["code"] == "upstream_timeout"
-
-            assert await moved(gw, call) == {"upstream_timeout": 1}
-        gw.assert_idle()
-    finally:
-        await gw.close()
+    await counts_once(gw, 504, "upstream_timeout")
 
 
 async def _hold_the_slot(gw: Gw, sim: Sim, session: aiohttp.ClientSession) -> asyncio.Task[Any]:
@@ -402,14 +397,7 @@ async def test_queue_full_and_client_disconnect_count_once_each(hung_sim: Sim) -
         assert value(busy, "gateway_requests_in_flight") == 1
         assert value(busy, "gateway_tokens_in_flight") > 0
         assert value(busy, "gateway_upstream_requests_in_flight", upstream=hung_sim.url) == 1
-        async with aiohttp.ClientSession() as s:
-
-            async def refused() -> None:
-                status, headers, body = await post_chat(s, gw, max_tokens=2)
-                assert status == 429 and body["error"]["code"] == "queue_full"
-                assert int(headers["Retry-After"]) >= 1
-
-            assert await moved(gw, refused, active=1) == {"queue_full": 1}
+        await fails_once(gw, 429, "queue_full", active=1, retry_after=True)
         got = await moved(gw, lambda: _disconnect(holder, holder_session), active=1, after=0)
         assert got == {"client_disconnected": 1}
         text = await gw.metrics()
@@ -425,14 +413,7 @@ async def test_queue_timeout_counts_once(hung_sim: Sim) -> None:
     try:
         holder_session = aiohttp.ClientSession()
         holder = await _hold_the_slot(gw, hung_sim, holder_session)
-        async with aiohttp.ClientSession() as s:
-
-            async def timed_out() -> None:
-                status, headers, body = await post_chat(s, gw, max_tokens=2)
-                assert status == 503 and body["error"]["code"] == "queue_timeout"
-                assert int(headers["Retry-After"]) >= 1
-
-            assert await moved(gw, timed_out, active=1) == {"queue_timeout": 1}
+        await fails_once(gw, 503, "queue_timeout", active=1, retry_after=True)
         # the slot holder leaving is the one other error this gateway sees
         assert await moved(gw, lambda: _disconnect(holder, holder_session), 1, 0) == {"client_disconnected": 1}
         gw.assert_idle()
@@ -516,7 +497,7 @@ async def test_two_engines_come_through_one_scrape() -> None:
         await asyncio.gather(*(one(i) for i in range(6)))
         await sim_idle(*sims)
         text = await idle_metrics(gw)
-        own = [await sim_text(s) for s in sims]
+        own = [await sim_metrics(s) for s in sims]
     finally:
         await client.close()
         await gw.close()
@@ -703,15 +684,7 @@ async def test_promtool_lints_the_gateways_own_series_clean(gw: Gw, client: open
 # -- no GPU ------------------------------------------------------------------------------------------------
 
 
-def _has_gpu() -> bool:
-    collector = GpuCollector()
-    try:
-        return collector.available
-    finally:
-        collector.close()
-
-
-@pytest.mark.skipif(_has_gpu(), reason="this machine has an NVIDIA GPU: the no-GPU path cannot be seen here")
+@pytest.mark.skipif(gpu_available(), reason="this machine has an NVIDIA GPU: the no-GPU path cannot be seen here")
 async def test_no_gpu_is_reported_not_failed(gw: Gw) -> None:
     text = await gw.metrics()
     assert value(text, "gateway_gpu_available") == 0

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics.gpu import GpuCollector
-from tests.harness import Process, free_port, wait_http, wait_until
+from tests.harness import MODEL, Process, free_port, gpu_available, wait_http, wait_until
 from tests.promql import dashboard_queries, metric_names_in_promql
 
 PROMETHEUS = shutil.which("prometheus")
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.skipif(
 REPO = Path(__file__).resolve().parent.parent
 RULE_FILES = sorted((REPO / "prometheus" / "rules").glob("*.yml"))
 DASHBOARD = REPO / "grafana" / "dashboards" / "glm-gateway.json"
-MODEL = "glm-4-9b-chat-1m"
 HELLO = [{"role": "user", "content": "Hello there"}]
 TOKEN_BUDGET = 100_000
 # Series Prometheus makes itself, not on the gateway's /metrics.
@@ -105,14 +104,6 @@ def _traffic(gateway: str, sim: str) -> int:
     return sent
 
 
-def _gpu_available() -> bool:
-    collector = GpuCollector()
-    try:
-        return collector.available
-    finally:
-        collector.close()
-
-
 def _prometheus_config(tmp: Path, gateway: str) -> Path:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -165,7 +156,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stderr=subprocess.DEVNULL,
         )
         wait_http(prom + "/-/ready")
-        st = Stack(sim, gateway, prom, _gpu_available(), 0)
+        st = Stack(sim, gateway, prom, gpu_available(), 0)
         # one scrape before the traffic, so rate() sees the counters move
         wait_until(lambda: st.scalar('up{job="glm-gateway"}') == 1, "Prometheus to scrape the gateway")
         st.sent = _traffic(gateway, sim)

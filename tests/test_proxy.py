@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,12 +13,17 @@ import openai
 import pytest
 
 from tests.harness import (
+    HELLO,
+    MODEL,
     Gw,
     Sim,
+    client_in,
     error_body,
+    fetch,
+    gateway_in,
     settled,
+    sim_in,
     sim_metrics,
-    start_gateway,
     start_sim,
     start_sim_at,
     value,
@@ -29,42 +33,8 @@ from tests.harness import (
 # a hung exchange fails the test instead of hanging the run (pytest-timeout)
 pytestmark = pytest.mark.timeout(30)
 
-MODEL = "glm-4-9b-chat-1m"
-HELLO = [{"role": "user", "content": "Hello"}]
 GLM_STOPS = [151329, 151336, 151338]
 _CREATED = re.compile(rb'"created":\d+')
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
-    async with contextlib.AsyncExitStack() as st:
-        yield st
-
-
-async def sim_in(stack: contextlib.AsyncExitStack, **overrides: Any) -> Sim:
-    sim = await start_sim(**overrides)
-    stack.push_async_callback(sim.close)
-    return sim
-
-
-async def gateway_in(stack: contextlib.AsyncExitStack, urls: list[str], **overrides: Any) -> Gw:
-    gw = await start_gateway(urls, **overrides)
-    stack.push_async_callback(gw.close)
-    return gw
-
-
-async def client_in(stack: contextlib.AsyncExitStack, gw: Gw) -> openai.AsyncOpenAI:
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
-    stack.push_async_callback(client.close)
-    return client
-
-
-async def fetch(
-    method: str, url: str, *, json_body: Any = None, data: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any, bytes]:
-    """One plain HTTP exchange: status, response headers, body bytes."""
-    async with aiohttp.ClientSession() as s, s.request(method, url, json=json_body, data=data, headers=headers) as r:
-        return r.status, r.headers, await r.read()
 
 
 # -- pass-through -----------------------------------------------------------------------------------------

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import openai
 
-from tests.harness import Gw, Sim, value
-
-MODEL = "glm-4-9b-chat-1m"
-HELLO = [{"role": "user", "content": "Hello"}]
+from tests.harness import HELLO, MODEL, Gw, Sim, value
 
 
 async def test_chat_not_streamed(client: openai.AsyncOpenAI, gw: Gw, sim: Sim) -> None:
