@@ -198,14 +198,7 @@ def start_sim(workdir: Path, cpus: frozenset[int], **settings: float | int | str
     args = [sys.executable, "-m", "gateway", "sim", "--host", "127.0.0.1", "--port", str(port)]
     for key, value in settings.items():
         args += ["--" + key.replace("_", "-"), str(value)]
-    proc = Proc("sim", args, cpus, workdir / "sim.log")
-    proc.url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(proc.url + "/health", proc.proc)
-    except RuntimeError:
-        proc.stop()
-        raise RuntimeError(f"sim did not start:\n{proc.log_tail()}") from None
-    return proc
+    return _started(Proc("sim", args, cpus, workdir / "sim.log"), port, "/health")
 
 
 def start_gateway(workdir: Path, cpus: frozenset[int], upstream: str, *extra: str) -> Proc:
@@ -217,13 +210,17 @@ def start_gateway(workdir: Path, cpus: frozenset[int], upstream: str, *extra: st
         "--upstream", upstream, "--max-concurrency", "2048", "--max-queue", "4096",
         "--max-tokens-in-flight", "4000000000", "--log-level", "warning", *extra,
     ]  # fmt: skip
-    proc = Proc("gateway", args, cpus, workdir / "gateway.log")
+    return _started(Proc("gateway", args, cpus, workdir / "gateway.log"), port, "/health/ready")
+
+
+def _started(proc: Proc, port: int, health_path: str) -> Proc:
+    """Wait until a process answers its health path on port; stop it and show its log if it never does."""
     proc.url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(proc.url + "/health/ready", proc.proc)
+        wait_http(proc.url + health_path, proc.proc)
     except RuntimeError:
         proc.stop()
-        raise RuntimeError(f"gateway did not start:\n{proc.log_tail()}") from None
+        raise RuntimeError(f"{proc.name} did not start:\n{proc.log_tail()}") from None
     return proc
 
 
