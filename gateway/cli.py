@@ -105,9 +105,13 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
+    parser = _parser()
+    ns = parser.parse_args(argv)
     if ns.command == "serve":
-        settings = Settings.from_namespace(ns)
+        try:
+            settings = Settings.from_namespace(ns)
+        except ValueError as exc:
+            parser.error(str(exc))
         logs.configure(settings.log_format, settings.log_level)
         return _run(serve(settings))
     if ns.command == "sim":

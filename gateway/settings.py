@@ -71,7 +71,12 @@ class _Options:
                     f"default: {','.join(map(str, default))})",
                 )
                 continue
-            value = kind(env[env_name]) if env_name in env else default
+            value = default
+            if env_name in env:
+                try:
+                    value = kind(env[env_name])
+                except ValueError:
+                    parser.error(f"{env_name}={env[env_name]!r} is not a valid {kind.__name__}")
             parser.add_argument(flag, type=kind, default=value, choices=meta["choices"], help=help_text)
 
     @classmethod
@@ -120,6 +125,38 @@ class Settings(_Options):
     glm_stop_tokens: bool = option(True, "add GLM-4's stop_token_ids when a GLM-4 model is served and none are sent")
     log_format: str = option("text", "log format", choices=("text", "json"))
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        """Refuse at start what would only fail later, at 3 a.m.: each rule names the option."""
+        problems = [
+            f"--{name.replace('_', '-')} must be {rule}"
+            for name, ok, rule in (
+                ("port", 0 <= self.port <= 65535, "a port number"),
+                ("max_body_bytes", self.max_body_bytes >= 1, "at least 1"),
+                ("context_window", self.context_window >= 0, "0 (from the engine) or more"),
+                ("max_concurrency", self.max_concurrency >= 1, "at least 1"),
+                ("max_queue", self.max_queue >= 0, "0 or more"),
+                ("queue_timeout", self.queue_timeout > 0, "more than 0"),
+                ("max_tokens_in_flight", self.max_tokens_in_flight >= 0, "0 (off) or more"),
+                ("upstream_connect_timeout", self.upstream_connect_timeout > 0, "more than 0"),
+                ("upstream_read_timeout", self.upstream_read_timeout > 0, "more than 0"),
+                ("health_interval", self.health_interval > 0, "more than 0"),
+                ("health_timeout", self.health_timeout > 0, "more than 0"),
+                ("health_fail_threshold", self.health_fail_threshold >= 1, "at least 1"),
+                ("health_success_threshold", self.health_success_threshold >= 1, "at least 1"),
+                ("drain_timeout", self.drain_timeout >= 0, "0 or more"),
+                ("engine_metrics_timeout", self.engine_metrics_timeout > 0, "more than 0"),
+                ("engine_metrics_max_age", self.engine_metrics_max_age >= 0, "0 or more"),
+                (
+                    "upstream",
+                    bool(self.upstream) and all(u.startswith(("http://", "https://")) for u in self.upstream),
+                    "one or more http:// or https:// URLs",
+                ),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,24 @@ def test_version_and_help_show_every_default() -> None:
             assert f"--{f.name.replace('_', '-')}" in text
         assert text.count("default:") >= len(dataclasses.fields(cls))
     assert _run("demo", "--help").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--max-concurrency", "0"], {}, "--max-concurrency must be at least 1"),
+        (["--upstream", "vllm:8000"], {}, "--upstream must be one or more http:// or https:// URLs"),
+        ([], {"GATEWAY_MAX_QUEUE": "lots"}, "GATEWAY_MAX_QUEUE='lots' is not a valid int"),
+    ],
+)
+def test_bad_settings_stop_the_start_with_the_option_named(args: list[str], env: dict[str, str], message: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
