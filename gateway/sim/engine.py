@@ -371,15 +371,21 @@ class _Run:
                 "stop_reason": None,
             }
             kind = "text_completion"
-        body = {
+        return web.json_response(self._envelope(kind, [choice], usage=self._usage()))
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        """vLLM's response object around its choices: a completion, a stream chunk or the usage chunk."""
+        return {
             "id": self.id,
             "object": kind,
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": self._usage(),
+            "choices": choices,
+            **extra,
         }
-        return web.json_response(body)
+
+    def _event(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + json.dumps(self._envelope(kind, choices, **extra), separators=(",", ":")).encode() + b"\n\n"
 
     def _decoded(self, decode_start: float) -> None:
         m = self.engine.metrics
@@ -387,20 +393,12 @@ class _Run:
         m.generation_tokens.inc(self.completion_tokens)
 
     def _chunk(self, delta: dict[str, Any] | str, finish: str | None) -> bytes:
-        if self.chat:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            kind = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
-            kind = "text_completion"
-        event = {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+        key = "delta" if self.chat else "text"
+        return self._event(self._chunk_kind, [{"index": 0, key: delta, "logprobs": None, "finish_reason": finish}])
+
+    @property
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
 
     async def _stream(self, response: web.StreamResponse, started: float) -> web.StreamResponse:
         s, f, m = self.engine.settings, self.engine.faults, self.engine.metrics
@@ -425,15 +423,7 @@ class _Run:
         self._decoded(decode_start)
         options = self.body.get("stream_options") or {}
         if options.get("include_usage"):
-            event = {
-                "id": self.id,
-                "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": self._usage(),
-            }
-            await response.write(b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
+            await response.write(self._event(self._chunk_kind, [], usage=self._usage()))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
