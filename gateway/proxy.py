@@ -134,9 +134,13 @@ class Proxy:
                 raise _too_large(limit)
         return buf  # no copy: json.loads and the client both take a bytearray
 
+    def _default_model(self) -> str:
+        """vLLM serves its first model to requests that name none."""
+        return next(iter(self.pool.models()), "")
+
     def _serves_glm4(self, model: str) -> bool:
         """Is the model a request names (or the default one, when it names none) a GLM-4 model?"""
-        return is_glm4(model or next(iter(self.pool.models()), ""))
+        return is_glm4(model or self._default_model())
 
     def context_window(self, model: str = "") -> int:
         """--context-window, else the model's max_model_len, else the smallest served one."""
@@ -149,12 +153,9 @@ class Proxy:
 
     def model_label(self, model: str) -> str:
         """Bounded label values: served models as they are, anything else folded into one value."""
-        served = self.pool.models()
-        if model in served:
+        if model in self.pool.models():
             return model
-        if not model and served:
-            return next(iter(served))  # vLLM serves the default model to requests that name none
-        return UNKNOWN_MODEL
+        return (not model and self._default_model()) or UNKNOWN_MODEL
 
     # -- the handler ----------------------------------------------------------------------------------
 
