@@ -88,14 +88,15 @@ class Gateway:
             gauge.set_function(read)  # type: ignore[attr-defined]
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp cleanup context: the client session and the health checks live as long as the app."""
-        self._session = self.proxy.session = client_session(self.settings)
+        """aiohttp cleanup context: the clients and the health checks live as long as the app."""
+        self._session = client_session(self.settings)
         checks = asyncio.create_task(self.health.run(), name="health-checks")
         yield
         checks.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await checks
         await self._session.close()
+        self.proxy.client.close()
         self.gpu.close()
 
     async def metrics_page(self, request: web.Request) -> web.Response:

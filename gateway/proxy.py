@@ -8,15 +8,13 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
-from functools import partial
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from time import perf_counter
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.admission import Admission
+from gateway.client import EngineClient, EngineConnection, EngineError, EngineTimeout, EngineUnreachable
 from gateway.errors import REQUEST_ID, GatewayError
 from gateway.metrics.gateway import UNKNOWN_MODEL, GatewayMetrics
 from gateway.protocol import GENERATION_PATHS, Generation, context_error, is_glm4, parse_generation
@@ -31,11 +29,12 @@ DEFAULT_CONTEXT_WINDOW = 1048576
 _ID_PREFIX = uuid.uuid4().hex[:16] + "-"
 _ids = itertools.count(1)
 
-# RFC 9110 §7.6.1, plus what the client library recomputes for the new hop
+# RFC 9110 §7.6.1, plus what each hop sets itself, and the request id the gateway sets
 _HOP_BY_HOP = frozenset(
     ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-     "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect")
+     "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect", REQUEST_ID.lower())
 )  # fmt: skip
+_IDENTITY = ("Accept-Encoding", "identity")  # the relay reads SSE events and usage counts: no compression
 ENDPOINTS = {
     "/v1/chat/completions": "chat_completions",
     "/v1/completions": "completions",
@@ -51,22 +50,20 @@ _INLINE_BODY_MAX = 1 << 20  # answers up to this size are read whole and written
 _SSE = "text/event-stream"
 _DONE = b"data: [DONE]\n\n"
 _USAGE_CHUNK = b'"choices":[]'
-# what reading an engine's answer raises when the engine dies or stalls after its headers
-_ENGINE_BROKE_OFF = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.SocketTimeoutError)
 _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
 
 
-def _filter_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+def _filter_headers(
+    headers: Mapping[str, str], request_id: str, *extra: tuple[str, str], drop: Iterable[str] = ()
+) -> list[tuple[str, str]]:
     """Drop hop-by-hop headers, those named in Connection too, and set the request id."""
-    drop = _HOP_BY_HOP
+    dropped = _HOP_BY_HOP.union(drop)
     connection = headers.get("Connection")
     if connection:
-        drop = drop | {name.strip().lower() for name in connection.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    out[REQUEST_ID] = request_id
+        dropped |= {name.strip().lower() for name in connection.split(",")}
+    out = [(name, value) for name, value in headers.items() if name.lower() not in dropped]
+    out.append((REQUEST_ID, request_id))
+    out.extend(extra)
     return out
 
 
@@ -108,7 +105,7 @@ class Proxy:
         self.admission = admission
         self.pool = pool
         self.metrics = metrics
-        self.session: aiohttp.ClientSession | None = None
+        self.client = EngineClient(settings.upstream_connect_timeout, settings.upstream_read_timeout)
         self.draining = False
         self.active = 0  # requests inside the handler, queued ones included: drain waits for 0
         self.idle = asyncio.Event()
@@ -228,37 +225,26 @@ class Proxy:
 
     async def _connect(
         self, request: web.Request, request_id: str, body: bytes | bytearray
-    ) -> tuple[Upstream, aiohttp.ClientResponse]:
+    ) -> tuple[Upstream, EngineConnection]:
         """Send the request to the best engine; an engine that refuses the connection is skipped."""
-        assert self.session is not None
-        headers = _filter_headers(request.headers, request_id)
         if request.path in GENERATION_PATHS:
-            headers["Accept-Encoding"] = "identity"  # the relay reads SSE events and usage counts
+            headers = _filter_headers(request.headers, request_id, _IDENTITY, drop=("accept-encoding",))
+        else:
+            headers = _filter_headers(request.headers, request_id)
+        target = request.raw_path
+        if not target.startswith("/"):  # absolute-form: the engine gets the path alone
+            target = request.rel_url.raw_path_qs
         reason = "no upstream configured"
         for upstream in self.pool.candidates():
             upstream.in_flight += 1
-            send = partial(
-                self.session.request,
-                request.method,
-                upstream.url_for(request.rel_url.raw_path_qs),
-                data=body or None,
-                headers=headers,
-                allow_redirects=False,
-            )
             try:
-                try:
-                    resp = await send()
-                except aiohttp.ServerDisconnectedError:
-                    # A keep-alive connection the engine closed just as it was reused (vLLM closes idle
-                    # ones after 5 s, or on restart): the engine never read the request.  Once more, on a
-                    # fresh connection.
-                    resp = await send()
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                resp = await self.client.request(upstream.url, request.method, target, headers, body)
+            except EngineUnreachable as exc:
                 upstream.in_flight -= 1
-                reason = f"{upstream.url}: {exc.__class__.__name__}: {exc}"
+                reason = f"{upstream.url}: {exc}"
                 self.pool.mark_down(upstream, reason)
                 continue  # nothing was sent: safe to try the next engine
-            except aiohttp.ClientError as exc:
+            except EngineError as exc:
                 upstream.in_flight -= 1
                 raise self._engine_error(exc) from None
             except BaseException:
@@ -293,9 +279,9 @@ class Proxy:
             ex.error_type = "upstream_error"  # the engine's own failure, passed through as it was
         return out
 
-    def _engine_error(self, exc: aiohttp.ClientError) -> GatewayError:
+    def _engine_error(self, exc: EngineError) -> GatewayError:
         """The engine failed before the client got a byte: a timeout is a 504, anything else a 502."""
-        if isinstance(exc, aiohttp.SocketTimeoutError):
+        if isinstance(exc, EngineTimeout):
             return GatewayError(
                 "upstream_timeout", f"The engine was silent for {self.settings.upstream_read_timeout:g} s."
             )
@@ -306,14 +292,14 @@ class Proxy:
     async def _relay_whole(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse,
-        headers: CIMultiDict[str],
+        resp: EngineConnection,
+        headers: list[tuple[str, str]],
         gen: Generation | None,
         ex: _Exchange,
     ) -> web.Response:
         try:
             data = await resp.read()
-        except aiohttp.ClientError as exc:
+        except EngineError as exc:
             raise self._engine_error(exc) from None
         ex.ttft = perf_counter() - ex.start
         ex.status = resp.status
@@ -325,17 +311,17 @@ class Proxy:
         return out
 
     async def _relay_bytes(
-        self, request: web.Request, resp: aiohttp.ClientResponse, headers: CIMultiDict[str], ex: _Exchange
+        self, request: web.Request, resp: EngineConnection, headers: list[tuple[str, str]], ex: _Exchange
     ) -> web.StreamResponse:
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         ex.status = resp.status
         await out.prepare(request)
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await resp.read_chunk():
                 if ex.ttft is None:
                     ex.ttft = perf_counter() - ex.start
                 await out.write(chunk)
-        except _ENGINE_BROKE_OFF as exc:
+        except EngineError as exc:
             self._broken(request, ex, exc)
             return out
         await out.write_eof()
@@ -344,8 +330,8 @@ class Proxy:
     async def _relay_events(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse,
-        headers: CIMultiDict[str],
+        resp: EngineConnection,
+        headers: list[tuple[str, str]],
         gen: Generation,
         ex: _Exchange,
     ) -> web.StreamResponse:
@@ -362,7 +348,7 @@ class Proxy:
         strip = gen.strip_usage
         first = True
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await resp.read_chunk():
                 if first:
                     ex.first_byte_at = perf_counter()  # the engine's queue and prefill end here
                     first = False
@@ -398,7 +384,7 @@ class Proxy:
                     await out.write(chunk)
             if carry:
                 await out.write(carry)
-        except _ENGINE_BROKE_OFF as exc:
+        except EngineError as exc:
             # The engine died mid-stream.  vLLM reports its own mid-stream failures as an error event
             # followed by [DONE]; do the same, so OpenAI clients raise instead of ending quietly.
             self._broken(request, ex, exc, close=False)
@@ -429,7 +415,7 @@ class Proxy:
             ex.completion_tokens = int(found[2])
 
     def _broken(self, request: web.Request, ex: _Exchange, exc: BaseException, *, close: bool = True) -> None:
-        ex.error_type = "upstream_timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "upstream_error"
+        ex.error_type = "upstream_timeout" if isinstance(exc, EngineTimeout) else "upstream_error"
         log.warning("%s %s: engine broke off the response: %r", request.method, request.path, exc)
         if close and request.transport is not None:
             request.transport.close()  # the client must see a truncated answer, not a complete one

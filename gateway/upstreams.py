@@ -1,4 +1,4 @@
-"""The engines behind the gateway: their state, the choice of one per request, and the HTTP client to them."""
+"""The engines behind the gateway: their state, the choice of one per request, and the client of their checks."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
-from yarl import URL
 
+from gateway.client import KEEPALIVE_TIMEOUT
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.upstreams")
-
-# vLLM (uvicorn) closes idle keep-alive connections after 5 s; reusing one at that moment gets a reset.
-KEEPALIVE_TIMEOUT = 4.0
 
 
 @dataclass(eq=False)
@@ -29,16 +26,6 @@ class Upstream:
     last_error: str = ""
     last_check: float = 0.0
     models: dict[str, int] = field(default_factory=dict)  # served model id -> max_model_len
-    _urls: dict[str, URL] = field(default_factory=dict, repr=False)
-
-    def url_for(self, path_qs: str) -> URL:
-        """The engine URL of a request path; parsed once per path (the OpenAI routes are few)."""
-        url = self._urls.get(path_qs)
-        if url is None:
-            url = URL(self.url + path_qs, encoded=True)
-            if len(self._urls) < 256 and "?" not in path_qs:
-                self._urls[path_qs] = url
-        return url
 
     def public(self) -> dict[str, object]:
         return {
@@ -105,7 +92,8 @@ class UpstreamPool:
 
 
 def client_session(settings: Settings) -> aiohttp.ClientSession:
-    """A client without aiohttp's defaults that break LLM traffic (see engine-facts)."""
+    """The client of health checks and engine scrapes (the request path has its own, gateway.client),
+    without aiohttp's defaults that break LLM traffic (see engine-facts)."""
     connector = aiohttp.TCPConnector(
         limit=0,  # admission control is the cap, not a silent pool limit of 100
         keepalive_timeout=KEEPALIVE_TIMEOUT,

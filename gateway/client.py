@@ -1,0 +1,325 @@
+"""The request path's HTTP/1.1 client to the engines: keep-alive connections, one write per request, C-parsed answers.
+
+aiohttp's ``ClientSession`` builds a ``ClientRequest``, parses the URL, computes default headers and
+wraps the answer in three objects for every request: about a fifth of the gateway's CPU per small
+request (bench/README.md).  The gateway already holds the method, target, filtered headers and body,
+so this client writes them as one pre-built buffer on a pooled connection and parses the answer with
+llhttp (``httptools``) straight into a buffer of body chunks that the relay drains.  Health checks and
+engine scrapes, which are not on the request path, keep using aiohttp's client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+# vLLM (uvicorn) closes idle keep-alive connections after 5 s; reusing one at that moment gets a reset.
+KEEPALIVE_TIMEOUT = 4.0
+_HIGH_WATER = 1 << 18  # body bytes buffered from the engine before reading from it pauses
+_ONE_WRITE_MAX = 1 << 16  # head and body concatenated into one send below this body size
+
+
+class EngineUnreachable(Exception):
+    """No connection could be opened: nothing was sent, another engine may take the request."""
+
+
+class EngineError(Exception):
+    """The engine failed a request after the connection was open."""
+
+
+class EngineTimeout(EngineError):
+    """The engine was silent for longer than the read timeout."""
+
+
+class EngineBrokeOff(EngineError):
+    """The engine closed the connection, or sent what is not HTTP, before its answer was complete."""
+
+
+class _Stale(EngineBrokeOff):
+    """A reused keep-alive connection closed before a byte of the answer: the engine never read the request."""
+
+
+class Origin:
+    """Where one engine listens, and its idle keep-alive connections."""
+
+    __slots__ = ("host", "host_header", "idle", "port", "prefix", "ssl")
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or (443 if self.ssl else 80)
+        self.host_header = parts.netloc.rpartition("@")[2]
+        self.prefix = parts.path.rstrip("/")
+        self.idle: list[EngineConnection] = []  # most recently used last
+
+
+class EngineConnection(asyncio.Protocol):
+    """One connection to an engine; between sending a request and release it is also that request's answer."""
+
+    def __init__(self, origin: Origin, read_timeout: float) -> None:
+        self.origin = origin
+        self.read_timeout = read_timeout
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = 0.0
+        self.reused = False
+        self._new_answer()
+
+    def _new_answer(self) -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.content_type = ""
+        self.content_length: int | None = None
+        self._raw_headers: list[tuple[str, str]] = []
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._head_only = False
+        self._got_bytes = False
+        self._headers_done = False
+        self._complete = False
+        self._keep_alive = False
+        self._error: EngineError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(EngineBrokeOff(f"the engine's answer is not valid HTTP: {exc}"))
+            return
+        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        if self in self.origin.idle:
+            self.origin.idle.remove(self)
+        if self._complete or self._error is not None:
+            self._wake()
+        elif self._headers_done and self.content_length is None and "transfer-encoding" not in self.headers:
+            self._complete = True  # an answer without a length ends when the connection does
+            self._wake()
+        elif not self._got_bytes and self.reused:
+            self._fail(_Stale("the engine closed a kept-alive connection"))
+        else:
+            self._fail(EngineBrokeOff(f"the engine closed the connection mid-answer ({exc or 'EOF'})"))
+
+    # -- httptools callbacks -----------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self._keep_alive = self._parser.should_keep_alive()
+        self.headers = headers = CIMultiDict(self._raw_headers)
+        content_type = headers.get("Content-Type")
+        if content_type:
+            self.content_type = content_type.partition(";")[0].strip().lower()
+        length = headers.get("Content-Length")
+        if length is not None and length.isdigit():
+            self.content_length = int(length)
+        self._headers_done = True
+        if self._head_only:
+            # llhttp cannot be told the answer is to HEAD and would read the next answer as its body
+            self._complete = True
+            self._keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        if not self._head_only:
+            self._chunks.append(body)
+            self._buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    # -- the exchange --------------------------------------------------------------------------------
+
+    def send(self, head: bytes, body: bytes | bytearray | memoryview, *, head_only: bool) -> None:
+        assert self.transport is not None
+        self._head_only = head_only
+        if not body:
+            self.transport.write(head)
+        elif len(body) < _ONE_WRITE_MAX:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
+
+    async def read_headers(self) -> None:
+        while not self._headers_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def read_chunk(self) -> bytes:
+        """The body as it arrives, every buffered piece at once; ``b""`` at its end."""
+        chunks = self._chunks
+        while not chunks:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return b""
+            await self._wait()
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = []
+        while chunk := await self.read_chunk():
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def release(self) -> None:
+        """The answer was read: keep the connection for the next request, or close it."""
+        if self._complete and self._keep_alive and not self._chunks and self.transport is not None:
+            self._new_answer()
+            self.idle_since = time.monotonic()
+            self.origin.idle.append(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the connection at once: vLLM aborts the request whose connection goes away."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(self.read_timeout, self._timed_out)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            timer.cancel()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: EngineError) -> None:
+        if self._error is None:
+            self._error = error
+        self.close()
+        self._wake()
+
+    def _timed_out(self) -> None:
+        self._fail(EngineTimeout(f"the engine was silent for {self.read_timeout:g} s"))
+
+
+class EngineClient:
+    """Sends requests to engines over pooled keep-alive connections."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._origins: dict[str, Origin] = {}
+
+    def origin(self, base_url: str) -> Origin:
+        origin = self._origins.get(base_url)
+        if origin is None:
+            origin = self._origins[base_url] = Origin(base_url)
+        return origin
+
+    async def request(
+        self,
+        base_url: str,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | bytearray | memoryview,
+    ) -> EngineConnection:
+        """Send a request and wait for the answer's headers.  ``headers`` must hold no hop-by-hop ones,
+        no Host and no Content-Length: they are this hop's and are written here."""
+        origin = self.origin(base_url)
+        lines = [f"{method} {origin.prefix}{target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        head_only = method == "HEAD"
+        conn = self._reuse(origin)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, head, body, head_only)
+            except _Stale:
+                pass  # the engine never read it: once more, on a fresh connection
+        return await self._exchange(await self._connect(origin), head, body, head_only)
+
+    async def _exchange(
+        self, conn: EngineConnection, head: bytes, body: bytes | bytearray | memoryview, head_only: bool
+    ) -> EngineConnection:
+        try:
+            conn.send(head, body, head_only=head_only)
+            await conn.read_headers()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _reuse(self, origin: Origin) -> EngineConnection | None:
+        idle = origin.idle
+        oldest = time.monotonic() - KEEPALIVE_TIMEOUT
+        while idle:
+            conn = idle.pop()
+            if conn.idle_since > oldest and conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, origin: Origin) -> EngineConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: EngineConnection(origin, self.read_timeout),
+                    origin.host,
+                    origin.port,
+                    ssl=origin.ssl,
+                    server_hostname=origin.host if origin.ssl else None,
+                )
+        except TimeoutError:
+            raise EngineUnreachable(f"connecting timed out after {self.connect_timeout:g} s") from None
+        except OSError as exc:
+            raise EngineUnreachable(f"{exc.__class__.__name__}: {exc}") from None
+        return conn
+
+    def close(self) -> None:
+        for origin in self._origins.values():
+            for conn in list(origin.idle):
+                conn.close()
+            origin.idle.clear()
