@@ -213,6 +213,13 @@ def start_gateway(workdir: Path, cpus: frozenset[int], upstream: str, *extra: st
     return _started(Proc("gateway", args, cpus, workdir / "gateway.log"), port, "/health/ready")
 
 
+def start_floor(workdir: Path, cpus: frozenset[int], upstream: str) -> Proc:
+    """bench.floor: aiohttp's server and the gateway's engine client with no feature (see its docstring)."""
+    port = free_port()
+    args = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", upstream]
+    return _started(Proc("floor", args, cpus, workdir / "floor.log"), port, "/health")
+
+
 def _started(proc: Proc, port: int, health_path: str) -> Proc:
     """Wait until a process answers its health path on port; stop it and show its log if it never does."""
     proc.url = f"http://127.0.0.1:{port}"

@@ -67,7 +67,7 @@ def _fmt(value: float | None, unit: str) -> str:
 def _value(row: Row) -> str:
     if row.value is None:
         return "—"
-    if "gateway / nginx" in row.metric:
+    if "gateway / " in row.metric:  # a ratio: gateway / nginx, gateway / floor
         return f"{row.value:.2f} ×"
     if row.unit == "× body":
         return f"{row.value:.2f} ×"

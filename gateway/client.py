@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 KEEPALIVE_TIMEOUT = 4.0
 _HIGH_WATER = 1 << 18  # body bytes buffered from the engine before reading from it pauses
 _ONE_WRITE_MAX = 1 << 16  # head and body concatenated into one send below this body size
+_BODY_SLICE = 1 << 18  # a large body is written a slice at a time, as the engine reads it: never copied whole
 
 
 class EngineUnreachable(Exception):
@@ -72,6 +73,7 @@ class EngineConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.reused = False
+        self._write_paused = False
         self._new_answer()
 
     def _new_answer(self) -> None:
@@ -108,6 +110,13 @@ class EngineConnection(asyncio.Protocol):
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -160,16 +169,28 @@ class EngineConnection(asyncio.Protocol):
 
     # -- the exchange --------------------------------------------------------------------------------
 
-    def send(self, head: bytes, body: bytes | bytearray | memoryview, *, head_only: bool) -> None:
-        assert self.transport is not None
+    async def send(self, head: bytes, body: bytes | bytearray | memoryview, *, head_only: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        if self._headers_done:
+            self._new_answer()  # kept alive: the last answer stays readable until the connection is reused
         self._head_only = head_only
         if not body:
-            self.transport.write(head)
+            transport.write(head)
         elif len(body) < _ONE_WRITE_MAX:
-            self.transport.write(head + body)
+            transport.write(head + body)
         else:
-            self.transport.write(head)
-            self.transport.write(body)
+            transport.write(head)
+            view = memoryview(body)
+            for at in range(0, len(view), _BODY_SLICE):
+                while self._write_paused:  # the engine reads slower than we write: wait, do not buffer
+                    if self._error is not None:
+                        raise self._error
+                    if self._headers_done:  # it answered before reading the whole body
+                        self._keep_alive = False
+                        return
+                    await self._wait()
+                transport.write(view[at : at + _BODY_SLICE])
 
     async def read_headers(self) -> None:
         while not self._headers_done:
@@ -204,7 +225,6 @@ class EngineConnection(asyncio.Protocol):
     def release(self) -> None:
         """The answer was read: keep the connection for the next request, or close it."""
         if self._complete and self._keep_alive and not self._chunks and self.transport is not None:
-            self._new_answer()
             self.idle_since = time.monotonic()
             self.origin.idle.append(self)
         else:
@@ -283,7 +303,7 @@ class EngineClient:
         self, conn: EngineConnection, head: bytes, body: bytes | bytearray | memoryview, head_only: bool
     ) -> EngineConnection:
         try:
-            conn.send(head, body, head_only=head_only)
+            await conn.send(head, body, head_only=head_only)
             await conn.read_headers()
         except BaseException:
             conn.close()
