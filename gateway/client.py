@@ -11,12 +11,13 @@ engine scrapes, which are not on the request path, keep using aiohttp's client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
 from collections import deque
 from collections.abc import Iterable
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 from multidict import CIMultiDict
@@ -26,6 +27,10 @@ KEEPALIVE_TIMEOUT = 4.0
 _HIGH_WATER = 1 << 18  # body bytes buffered from the engine before reading from it pauses
 _ONE_WRITE_MAX = 1 << 16  # head and body concatenated into one send below this body size
 _BODY_SLICE = 1 << 18  # a large body is written a slice at a time, as the engine reads it: never copied whole
+# A reused connection lost this soon after the request went out, before a byte of the answer, is the
+# race with the engine's idle close: the engine never read the request, and it is sent again.  Lost
+# later, the engine may have acted on it (a generation runs silently for minutes): that is an error.
+STALE_WINDOW = 0.5
 
 
 class EngineUnreachable(Exception):
@@ -45,13 +50,13 @@ class EngineBrokeOff(EngineError):
 
 
 class _Stale(EngineBrokeOff):
-    """A reused keep-alive connection closed before a byte of the answer: the engine never read the request."""
+    """A reused keep-alive connection closed at once, before a byte of the answer (see STALE_WINDOW)."""
 
 
 class Origin:
     """Where one engine listens, and its idle keep-alive connections."""
 
-    __slots__ = ("host", "host_header", "idle", "port", "prefix", "ssl")
+    __slots__ = ("authorization", "closed", "host", "host_header", "idle", "port", "prefix", "ssl")
 
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
@@ -60,7 +65,12 @@ class Origin:
         self.port = parts.port or (443 if self.ssl else 80)
         self.host_header = parts.netloc.rpartition("@")[2]
         self.prefix = parts.path.rstrip("/")
-        self.idle: list[EngineConnection] = []  # most recently used last
+        self.authorization: str | None = None  # credentials in the URL replace the client's Authorization
+        if parts.username is not None:
+            userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self.authorization = "Basic " + base64.b64encode(userinfo.encode()).decode()
+        self.idle: list[EngineConnection] = []  # least recently used first
+        self.closed = False
 
 
 class EngineConnection(asyncio.Protocol):
@@ -73,6 +83,7 @@ class EngineConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.reused = False
+        self.sent_at = 0.0
         self._write_paused = False
         self._new_answer()
 
@@ -88,6 +99,7 @@ class EngineConnection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._head_only = False
+        self._interim = False
         self._got_bytes = False
         self._headers_done = False
         self._complete = False
@@ -101,6 +113,10 @@ class EngineConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
+        if self._complete:  # bytes after the answer (or while idle): not HTTP/1.1 as we spoke it
+            self._keep_alive = False
+            self.close()
+            return
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
@@ -127,24 +143,31 @@ class EngineConnection(asyncio.Protocol):
             self.origin.idle.remove(self)
         if self._complete or self._error is not None:
             self._wake()
-        elif self._headers_done and self.content_length is None and "transfer-encoding" not in self.headers:
-            self._complete = True  # an answer without a length ends when the connection does
+        elif exc is None and self._headers_done and self.content_length is None and not self._chunked():
+            self._complete = True  # an answer without a length ends when the connection does (cleanly)
             self._wake()
-        elif not self._got_bytes and self.reused:
-            self._fail(_Stale("the engine closed a kept-alive connection"))
+        elif not self._got_bytes and self.reused and self.loop.time() - self.sent_at < STALE_WINDOW:
+            self._fail(_Stale("the engine closed a kept-alive connection as it was reused"))
         else:
             self._fail(EngineBrokeOff(f"the engine closed the connection mid-answer ({exc or 'EOF'})"))
 
     # -- httptools callbacks -----------------------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason.decode("latin-1")
+        self.reason += reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # as aiohttp's own parser decodes them, so its server writes back the engine's bytes
+        self._raw_headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # 100 Continue, 103 Early Hints: the answer follows
+            self._raw_headers.clear()
+            self.reason = ""
+            self._interim = True
+            return
+        self.status = status
         self._keep_alive = self._parser.should_keep_alive()
         self.headers = headers = CIMultiDict(self._raw_headers)
         content_type = headers.get("Content-Type")
@@ -165,7 +188,13 @@ class EngineConnection(asyncio.Protocol):
             self._buffered += len(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
+
+    def _chunked(self) -> bool:
+        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
 
     # -- the exchange --------------------------------------------------------------------------------
 
@@ -175,6 +204,7 @@ class EngineConnection(asyncio.Protocol):
         if self._headers_done:
             self._new_answer()  # kept alive: the last answer stays readable until the connection is reused
         self._head_only = head_only
+        self.sent_at = self.loop.time()
         if not body:
             transport.write(head)
         elif len(body) < _ONE_WRITE_MAX:
@@ -183,13 +213,15 @@ class EngineConnection(asyncio.Protocol):
             transport.write(head)
             view = memoryview(body)
             for at in range(0, len(view), _BODY_SLICE):
-                while self._write_paused:  # the engine reads slower than we write: wait, do not buffer
+                while True:
                     if self._error is not None:
                         raise self._error
                     if self._headers_done:  # it answered before reading the whole body
                         self._keep_alive = False
                         return
-                    await self._wait()
+                    if not self._write_paused:
+                        break
+                    await self._wait()  # the engine reads slower than we write: wait, do not buffer
                 transport.write(view[at : at + _BODY_SLICE])
 
     async def read_headers(self) -> None:
@@ -224,7 +256,8 @@ class EngineConnection(asyncio.Protocol):
 
     def release(self) -> None:
         """The answer was read: keep the connection for the next request, or close it."""
-        if self._complete and self._keep_alive and not self._chunks and self.transport is not None:
+        usable = self._complete and self._keep_alive and not self._chunks and self.transport is not None
+        if usable and not self.origin.closed:
             self.idle_since = time.monotonic()
             self.origin.idle.append(self)
         else:
@@ -285,11 +318,15 @@ class EngineClient:
         no Host and no Content-Length: they are this hop's and are written here."""
         origin = self.origin(base_url)
         lines = [f"{method} {origin.prefix}{target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+        if origin.authorization is None:
+            lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+        else:
+            lines.extend(f"{name}: {value}\r\n" for name, value in headers if name.lower() != "authorization")
+            lines.append(f"Authorization: {origin.authorization}\r\n")
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
+        head = "".join(lines).encode("utf-8", "surrogateescape")  # the client's bytes, as aiohttp decoded them
         head_only = method == "HEAD"
         conn = self._reuse(origin)
         if conn is not None:
@@ -313,6 +350,8 @@ class EngineClient:
     def _reuse(self, origin: Origin) -> EngineConnection | None:
         idle = origin.idle
         oldest = time.monotonic() - KEEPALIVE_TIMEOUT
+        while idle and idle[0].idle_since <= oldest:  # expired, least recently used first
+            idle.pop(0).close()
         while idle:
             conn = idle.pop()
             if conn.idle_since > oldest and conn.transport is not None and not conn.transport.is_closing():
@@ -340,6 +379,7 @@ class EngineClient:
 
     def close(self) -> None:
         for origin in self._origins.values():
+            origin.closed = True
             for conn in list(origin.idle):
                 conn.close()
             origin.idle.clear()

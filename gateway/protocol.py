@@ -34,6 +34,9 @@ class Generation:
 
 
 _SLICE = 1 << 18
+# Fields spliced into a body, by their names: the client sent none of them, so their values are the
+# gateway's constants (GLM-4's stop ids, include_usage alone) and each combination is serialised once.
+_SPLICED: dict[tuple[str, ...], bytes] = {}
 
 
 def _decode(raw: bytes | bytearray) -> str:
@@ -112,7 +115,9 @@ def parse_generation(path: str, raw: bytes | bytearray, *, glm_stops: Callable[[
         del obj  # the parsed prompt is as large as the body: let it go before copying the body
         if added:
             start = raw.index(b"{") + 1
-            fields = json.dumps(added, separators=(",", ":"))[1:-1].encode()
+            fields = _SPLICED.get(tuple(added))
+            if fields is None:
+                fields = _SPLICED[tuple(added)] = json.dumps(added, separators=(",", ":"))[1:-1].encode()
             body = b"".join((b"{", fields, b",", memoryview(raw)[start:]))
     return Generation(body, model, bool(stream), estimate, max_tokens, strip_usage)
 

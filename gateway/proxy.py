@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from time import perf_counter
 
 from aiohttp import web
@@ -35,6 +35,7 @@ _HOP_BY_HOP = frozenset(
      "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect", REQUEST_ID.lower())
 )  # fmt: skip
 _IDENTITY = ("Accept-Encoding", "identity")  # the relay reads SSE events and usage counts: no compression
+_HOP_BY_HOP_AND_ENCODING = _HOP_BY_HOP | {"accept-encoding"}
 ENDPOINTS = {
     "/v1/chat/completions": "chat_completions",
     "/v1/completions": "completions",
@@ -54,14 +55,13 @@ _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)',
 
 
 def _filter_headers(
-    headers: Mapping[str, str], request_id: str, *extra: tuple[str, str], drop: Iterable[str] = ()
+    headers: Mapping[str, str], request_id: str, *extra: tuple[str, str], drop: frozenset[str] = _HOP_BY_HOP
 ) -> list[tuple[str, str]]:
-    """Drop hop-by-hop headers, those named in Connection too, and set the request id."""
-    dropped = _HOP_BY_HOP.union(drop)
+    """Drop hop-by-hop headers (``drop``), those named in Connection too, and set the request id."""
     connection = headers.get("Connection")
     if connection:
-        dropped |= {name.strip().lower() for name in connection.split(",")}
-    out = [(name, value) for name, value in headers.items() if name.lower() not in dropped]
+        drop = drop | {name.strip().lower() for name in connection.split(",")}
+    out = [(name, value) for name, value in headers.items() if name.lower() not in drop]
     out.append((REQUEST_ID, request_id))
     out.extend(extra)
     return out
@@ -228,7 +228,7 @@ class Proxy:
     ) -> tuple[Upstream, EngineConnection]:
         """Send the request to the best engine; an engine that refuses the connection is skipped."""
         if request.path in GENERATION_PATHS:
-            headers = _filter_headers(request.headers, request_id, _IDENTITY, drop=("accept-encoding",))
+            headers = _filter_headers(request.headers, request_id, _IDENTITY, drop=_HOP_BY_HOP_AND_ENCODING)
         else:
             headers = _filter_headers(request.headers, request_id)
         target = request.raw_path

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 
+from gateway import client as client_module
 from gateway.client import EngineBrokeOff, EngineClient, EngineTimeout, EngineUnreachable
 from tests.harness import CHAT, HELLO, MODEL, Gw, Sim, free_port, start_gateway, wait_for
 
@@ -68,19 +71,50 @@ async def test_keepalive_connection_is_reused(engine_client: EngineClient, sim: 
     await wait_for(lambda: not sim.runner.server.connections, "the engine to see the connection closed")
 
 
-async def test_stale_keepalive_is_retried_on_a_fresh_connection(engine_client: EngineClient) -> None:
-    async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(OK)  # keep-alive, as HTTP/1.1 is by default ...
-        await writer.drain()
-        await reader.readuntil(b"\r\n\r\n")  # ... but the next request on it meets a closing engine
+def closing_after_one_answer(heads: list[int], delay: float = 0.0) -> Script:
+    """An engine that answers one request per connection (keep-alive, as HTTP/1.1 is by default), then
+    closes the connection when the next request arrives on it, ``delay`` seconds after reading it."""
 
-    async with scripted(one_answer_per_connection) as (url, accepted):
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(0)
+        await read_request(reader)
+        heads[-1] += 1
+        writer.write(OK)
+        await writer.drain()
+        await read_request(reader)
+        heads[-1] += 1
+        await asyncio.sleep(delay)
+
+    return script
+
+
+async def test_stale_keepalive_is_retried_on_a_fresh_connection(engine_client: EngineClient) -> None:
+    heads: list[int] = []
+    async with scripted(closing_after_one_answer(heads)) as (url, accepted):
         for _ in range(3):
-            resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
+            resp = await engine_client.request(url, "POST", CHAT, [], b"{}")
             assert (resp.status, await resp.read()) == (200, b"ok")
             resp.release()
-        assert accepted[0] == 3
+        await wait_for(lambda: sum(heads) == 5, "the last request head")
+    # three answers; the second and third went first to a reused connection that closed, then to a new one
+    assert accepted[0] == 3
+    assert heads == [2, 2, 1]
+
+
+async def test_reused_connection_lost_late_is_an_error_not_a_resend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lost long after the request went out, the engine may have acted on it: never sent twice."""
+    monkeypatch.setattr(client_module, "STALE_WINDOW", 0.05)
+    heads: list[int] = []
+    engine_client = EngineClient(connect_timeout=5, read_timeout=5)
+    async with scripted(closing_after_one_answer(heads, delay=0.3)) as (url, accepted):
+        resp = await engine_client.request(url, "POST", CHAT, [], b"{}")
+        assert await resp.read() == b"ok"
+        resp.release()
+        with pytest.raises(EngineBrokeOff, match="closed the connection mid-answer"):
+            await engine_client.request(url, "POST", CHAT, [], b"{}")
+    assert accepted[0] == 1
+    assert heads == [2]
+    engine_client.close()
 
 
 async def test_refused_connection_is_unreachable(engine_client: EngineClient) -> None:
@@ -101,7 +135,6 @@ async def test_silent_engine_times_out_and_the_connection_is_closed() -> None:
         with pytest.raises(EngineTimeout, match=r"silent for 0\.2 s"):
             await client.request(url, "GET", "/v1/models", [], b"")
         await asyncio.wait_for(closed.wait(), 10)
-    assert not client.origin(url).idle
 
 
 async def test_answer_cut_short_raises_after_what_arrived(engine_client: EngineClient) -> None:
@@ -161,10 +194,12 @@ async def test_large_chunked_body_to_a_slow_reader(engine_client: EngineClient) 
 
     async with scripted(chunked) as (url, _):
         resp = await engine_client.request(url, "GET", "/big", [], b"")
-        got = bytearray()
+        assert resp.transport is not None
+        got = bytearray(await resp.read_chunk())
+        # the client stops reading from the engine once it holds 256 KiB nobody took
+        await wait_for(lambda: resp.transport is not None and not resp.transport.is_reading(), "reading to pause")
         while chunk := await resp.read_chunk():
             got += chunk
-            await asyncio.sleep(0.001)
         assert got == b"".join(pieces)
         resp.release()
         assert len(engine_client.origin(url).idle) == 1
@@ -192,10 +227,92 @@ async def test_request_head_as_written(engine_client: EngineClient) -> None:
         await writer.drain()
 
     async with scripted(record) as (url, _):
-        resp = await engine_client.request(url + "/engine", "POST", "/v1/x?a=1", [("X-A", "b")], b"{}")
+        resp = await engine_client.request(url + "/engine", "POST", "/v1/x?a=1", [("X-A", "b"), ("X-T", "中文")], b"{}")
         await resp.read()
-    assert seen == [b"POST /engine/v1/x?a=1 HTTP/1.1\r\nHost: " + url[7:].encode() + b"\r\nX-A: b\r\n"
-                    b"Content-Length: 2\r\n\r\n"]  # fmt: skip
+        resp.release()
+        assert url.startswith("http://")
+        creds = "http://u%40x:p@" + url[7:]  # credentials in the engine URL replace the client's
+        resp = await engine_client.request(creds, "GET", "/v1/models", [("Authorization", "Bearer client")], b"")
+        await resp.read()
+        resp.release()
+    host = url[7:].encode()
+    assert seen == [
+        b"POST /engine/v1/x?a=1 HTTP/1.1\r\nHost: " + host + b"\r\nX-A: b\r\nX-T: \xe4\xb8\xad\xe6\x96\x87\r\n"
+        b"Content-Length: 2\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: Basic dUB4OnA=\r\n\r\n",
+    ]
+
+
+async def test_interim_answers_are_skipped(engine_client: EngineClient) -> None:
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK)
+            await writer.drain()
+
+    async with scripted(early_hints) as (url, accepted):
+        for _ in range(2):
+            resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
+            assert (resp.status, resp.reason, await resp.read()) == (200, "OK", b"ok")
+            assert "Link" not in resp.headers
+            resp.release()
+    assert accepted[0] == 1
+
+
+async def test_large_request_body_is_sent_whole_to_a_slow_reader(engine_client: EngineClient) -> None:
+    body = bytes(range(256)) * 16384  # 4 MiB, more than the socket and transport buffers hold
+    received: list[bytes] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert f"Content-Length: {len(body)}".encode() in head
+        data = bytearray()
+        while len(data) < len(body):
+            data += await reader.read(65536)
+            await asyncio.sleep(0)
+        received.append(bytes(data))
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    async with scripted(slow) as (url, _):
+        resp = await engine_client.request(url, "POST", CHAT, [], body)
+        assert await resp.read() == b"ok"
+        resp.release()
+    assert received == [body]
+
+
+async def test_engine_answering_before_reading_the_body(engine_client: EngineClient) -> None:
+    """An engine may refuse a request from its head alone (413) and never read the body."""
+    body = b"x" * (16 << 20)
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await writer.drain()
+        await asyncio.sleep(30)  # keeps the connection open, reads nothing more
+
+    async with scripted(refuse) as (url, _):
+        resp = await engine_client.request(url, "POST", CHAT, [], body)
+        assert (resp.status, await resp.read()) == (413, b"big")
+        resp.release()  # half a body went out: the connection is not reusable
+        assert not engine_client.origin(url).idle
+
+
+async def test_reset_during_a_body_without_length(engine_client: EngineClient) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN: the body did not end
+
+    async with scripted(reset) as (url, _):
+        resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
+        with pytest.raises(EngineBrokeOff):
+            await resp.read()
+        resp.release()
 
 
 async def test_gateway_keeps_one_engine_connection_for_sequential_requests(sim: Sim) -> None:
@@ -206,7 +323,8 @@ async def test_gateway_keeps_one_engine_connection_for_sequential_requests(sim: 
         body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
         async with aiohttp.ClientSession() as session:
             for stream in (False, True, False, True):
-                async with session.post(gw.url + CHAT, json=body | {"stream": stream}) as r:
+                # a header value beyond Latin-1 goes through as the client's bytes
+                async with session.post(gw.url + CHAT, json=body | {"stream": stream}, headers={"X-T": "中文"}) as r:
                     assert r.status == 200
                     await r.read()
         await wait_for(lambda: not gw.gateway.proxy.active, "the handlers to finish")
