@@ -89,15 +89,21 @@ async def one_stream(
 
 
 async def stream_load(
-    url: str, body: bytes, concurrency: int, duration: float, expect_events: int
+    url: str, body: bytes, concurrency: int, duration: float, expect_events: int, stream_s: float = 0.0
 ) -> tuple[StreamStats, float]:
-    """``concurrency`` workers open streams back to back for ``duration`` s; returns stats and the window."""
+    """``concurrency`` workers open streams back to back for ``duration`` s; returns stats and the window.
+
+    Worker i starts i/concurrency of a stream's length (``stream_s``) late: streams of equal length
+    started together would end together and arrive again as one burst of ``concurrency`` requests, and
+    the time to first token would measure how fast a proxy gets through a burst, not what it adds.
+    """
     stats = StreamStats()
     async with session() as http:
         start = perf_counter()
         deadline = start + duration
 
-        async def worker() -> None:
+        async def worker(i: int) -> None:
+            await asyncio.sleep(i * stream_s / concurrency)
             while perf_counter() < deadline:
                 try:
                     await one_stream(http, url, body, stats, expect_events, deadline)
@@ -105,7 +111,7 @@ async def stream_load(
                     stats.failed += 1
                     stats.errors.append(repr(exc))
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        tasks = [asyncio.ensure_future(worker(i)) for i in range(concurrency)]
         await asyncio.wait(tasks, timeout=duration)
         window = perf_counter() - start
         for t in tasks:

@@ -1,14 +1,16 @@
 """The floor: the least an aiohttp proxy can do, the gateway's own server set-up and engine client and nothing else.
 
-No body parsing, admission, metrics, request ids or header filtering: what this adds over direct access
-is what aiohttp's server, the event loop, the engine client and the extra hop cost, and no gateway
-built on them can add less.  ``python -m bench.floor --port P --upstream URL``.
+No body parsing, admission, metrics or header filtering: what this adds over direct access is what
+aiohttp's server, the event loop, the engine client and the extra hop cost, and no gateway built on them
+can add less.  It passes a request id, as the gateway does, so the engine does the same work behind both.
+``python -m bench.floor --port P --upstream URL``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 
 import uvloop
 from aiohttp import web
@@ -21,10 +23,12 @@ _PASSED = ("Content-Type",)
 
 def app(upstream: str) -> web.Application:
     client = EngineClient(connect_timeout=10, read_timeout=600)
+    ids = itertools.count()
 
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
         headers = [(name, request.headers[name]) for name in _PASSED if name in request.headers]
+        headers.append(("X-Request-Id", f"floor-{next(ids)}"))
         resp = await client.request(upstream, request.method, request.raw_path, headers, body)
         data = await resp.read()
         resp.release()

@@ -279,6 +279,7 @@ async def throughput_c64(ctx: Ctx) -> Result:
 
 STREAM_TOKENS = 256
 STREAM_SIM = {**FAST_SIM, "itl": 0.002}
+STREAM_S = STREAM_TOKENS * 0.002  # a stream's length at that pace: the workers' starts are spread over it
 
 
 async def streams_c64(ctx: Ctx) -> Result:
@@ -288,9 +289,9 @@ async def streams_c64(ctx: Ctx) -> Result:
     with services(ctx, STREAM_SIM) as procs:
         if o.warmup:
             for name in CONFIGS:
-                await client.stream_load(procs[name].url + CHAT, body, 64, o.warmup, STREAM_TOKENS)
+                await client.stream_load(procs[name].url + CHAT, body, 64, o.warmup, STREAM_TOKENS, STREAM_S)
         for _, name in alternate(o.repeat):
-            work = client.stream_load(procs[name].url + CHAT, body, 64, o.duration, STREAM_TOKENS)
+            work = client.stream_load(procs[name].url + CHAT, body, 64, o.duration, STREAM_TOKENS, STREAM_S)
             (stats, window), cpu, other = await measure(ctx, procs[name], work)
             runs[name].append(
                 {
