@@ -85,6 +85,8 @@ class EngineConnection(asyncio.Protocol):
         self.reused = False
         self.sent_at = 0.0
         self._write_paused = False
+        self._timer: asyncio.TimerHandle | None = None  # the read timeout's, armed once per answer
+        self._waiting_since = 0.0
         self._new_answer()
 
     def _new_answer(self) -> None:
@@ -139,6 +141,7 @@ class EngineConnection(asyncio.Protocol):
         transport, self.transport = self.transport, None
         if transport is None:
             return
+        self._disarm()
         if self in self.origin.idle:
             self.origin.idle.remove(self)
         if self._complete or self._error is not None:
@@ -257,6 +260,7 @@ class EngineConnection(asyncio.Protocol):
     def release(self) -> None:
         """The answer was read: keep the connection for the next request, or close it."""
         usable = self._complete and self._keep_alive and not self._chunks and self.transport is not None
+        self._disarm()
         if usable and not self.origin.closed:
             self.idle_since = time.monotonic()
             self.origin.idle.append(self)
@@ -269,13 +273,33 @@ class EngineConnection(asyncio.Protocol):
             self.transport.abort()
 
     async def _wait(self) -> None:
+        """Until the engine sends, or closes, or lets writing resume; silent for the read timeout, it fails.
+
+        One timer serves all the waits of an answer (a stream waits once per token): it fires, sees
+        when the wait in progress began, and is set again for the rest of that wait."""
         waiter = self._waiter = self.loop.create_future()
-        timer = self.loop.call_later(self.read_timeout, self._timed_out)
+        self._waiting_since = now = self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_at(now + self.read_timeout, self._check_silence)
         try:
             await waiter
         finally:
             self._waiter = None
-            timer.cancel()
+
+    def _check_silence(self) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return  # not waiting: the next wait arms the timer again
+        deadline = self._waiting_since + self.read_timeout
+        if self.loop.time() >= deadline:
+            self._fail(EngineTimeout(f"the engine was silent for {self.read_timeout:g} s"))
+        else:
+            self._timer = self.loop.call_at(deadline, self._check_silence)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -287,9 +311,6 @@ class EngineConnection(asyncio.Protocol):
             self._error = error
         self.close()
         self._wake()
-
-    def _timed_out(self) -> None:
-        self._fail(EngineTimeout(f"the engine was silent for {self.read_timeout:g} s"))
 
 
 class EngineClient:
