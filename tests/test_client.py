@@ -49,6 +49,17 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head
 
 
+def answering(raw: bytes) -> Script:
+    """An engine that reads a request, writes ``raw`` and closes the connection (FIN)."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+
+    return script
+
+
 @pytest.fixture
 async def engine_client() -> AsyncIterator[EngineClient]:
     c = EngineClient(connect_timeout=5, read_timeout=5)
@@ -138,12 +149,7 @@ async def test_silent_engine_times_out_and_the_connection_is_closed() -> None:
 
 
 async def test_answer_cut_short_raises_after_what_arrived(engine_client: EngineClient) -> None:
-    async def truncated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
-        await writer.drain()
-
-    async with scripted(truncated) as (url, _):
+    async with scripted(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")) as (url, _):
         resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
         assert resp.content_length == 100
         assert await resp.read_chunk() == b"0123456789"
@@ -206,12 +212,7 @@ async def test_large_chunked_body_to_a_slow_reader(engine_client: EngineClient) 
 
 
 async def test_body_ending_with_the_connection(engine_client: EngineClient) -> None:
-    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-        await writer.drain()
-
-    async with scripted(until_close) as (url, _):
+    async with scripted(answering(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")) as (url, _):
         resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
         assert await resp.read() == b"all of it"
         resp.release()
