@@ -8,9 +8,13 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 TOOLS = {"nginx": "nginx", "wrk": "wrk"}  # command -> Debian package
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+# LiteLLM's proxy (optional row) lives in a virtual environment of its own: its many dependencies
+# must not change what the gateway is measured with.
+LITELLM_VENV = Path(__file__).resolve().parent / ".litellm"
 
 
 def find_tool(name: str) -> str | None:
@@ -46,6 +50,31 @@ def install(names: list[str]) -> int:
     return rc
 
 
+def find_litellm(given: str) -> str | None:
+    """LiteLLM's command: the path given, else ``litellm`` on PATH, else the one ``--install`` puts in
+    bench/.litellm."""
+    if given != "auto":
+        return given if os.access(given, os.X_OK) else None
+    installed = LITELLM_VENV / "bin" / "litellm"
+    return shutil.which("litellm") or (str(installed) if os.access(installed, os.X_OK) else None)
+
+
+def litellm_install_commands() -> list[list[str]]:
+    return [
+        [sys.executable, "-m", "venv", str(LITELLM_VENV)],
+        [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
+    ]
+
+
+def install_litellm() -> int:
+    """Install LiteLLM's proxy into bench/.litellm (only when asked to with --install)."""
+    for cmd in litellm_install_commands():
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            return rc
+    return 0
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -75,6 +104,10 @@ def _first_line(cmd: list[str]) -> str:
         return f"unavailable ({exc})"
     text = (out.stdout + out.stderr).strip()
     return text.splitlines()[0] if text else "unknown"
+
+
+def litellm_version(litellm: str) -> str:
+    return _first_line([litellm, "--version"]).rpartition("=")[2].strip()
 
 
 def versions(nginx: str, wrk: str) -> dict[str, str]:

@@ -93,7 +93,9 @@ LIVE: list[Proc] = []  # every process this run has started and not yet stopped
 class Proc:
     """One started process: its pid (or its worker's), memory and descriptors, and an orderly stop."""
 
-    def __init__(self, name: str, args: list[str], cpus: frozenset[int], log: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], cpus: frozenset[int], log: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path = log
         self._log = open(log, "wb")  # closed in stop()
@@ -102,7 +104,7 @@ class Proc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=_child_env(),
+            env={**_child_env(), **(env or {})},
             preexec_fn=_pin(cpus),
         )
         self.url = ""
@@ -220,11 +222,32 @@ def start_floor(workdir: Path, cpus: frozenset[int], upstream: str) -> Proc:
     return _started(Proc("floor", args, cpus, workdir / "floor.log"), port, "/health")
 
 
-def _started(proc: Proc, port: int, health_path: str) -> Proc:
+LITELLM_CONF = """\
+model_list:
+  - model_name: {model}
+    litellm_params:
+      model: hosted_vllm/{model}
+      api_base: {upstream}/v1
+      api_key: none
+"""
+
+
+def start_litellm(workdir: Path, cpus: frozenset[int], litellm: str, upstream: str) -> Proc:
+    """LiteLLM's proxy, one worker, routing the model to the engine as a vLLM server (no master key:
+    loopback only)."""
+    port = free_port()
+    conf = workdir / "litellm.yaml"
+    conf.write_text(LITELLM_CONF.format(model=MODEL, upstream=upstream))
+    args = [litellm, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    env = {"LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true", "LITELLM_LOG": "ERROR"}
+    return _started(Proc("litellm", args, cpus, workdir / "litellm.log", env), port, "/health/liveliness", 120)
+
+
+def _started(proc: Proc, port: int, health_path: str, timeout: float = 30.0) -> Proc:
     """Wait until a process answers its health path on port; stop it and show its log if it never does."""
     proc.url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(proc.url + health_path, proc.proc)
+        wait_http(proc.url + health_path, proc.proc, timeout)
     except RuntimeError:
         proc.stop()
         raise RuntimeError(f"{proc.name} did not start:\n{proc.log_tail()}") from None

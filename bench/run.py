@@ -47,7 +47,16 @@ def parser() -> argparse.ArgumentParser:
         "--workloads", type=_workloads, default=list(WORKLOADS), help="comma-separated, e.g. 1,2 (default: all)"
     )
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON goes (default: %(default)s)")
-    p.add_argument("--install", action="store_true", help="install missing nginx/wrk with apt-get")
+    p.add_argument(
+        "--install", action="store_true", help="install missing nginx/wrk with apt-get (and LiteLLM, with --litellm)"
+    )
+    p.add_argument(
+        "--litellm",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="also measure LiteLLM's proxy in workloads 1-3 (its command: PATH, else on PATH or in bench/.litellm)",
+    )
     p.add_argument(
         "--profile", action="store_true", help="sample the gateway with py-spy during its runs (skews its figures)"
     )
@@ -122,6 +131,24 @@ def _jsonable(value: Any) -> Any:
 
 def _row_dict(row: Row) -> dict[str, Any]:
     return {**dataclasses.asdict(row), "verdict": row.verdict}
+
+
+def check_litellm(given: str, install: bool) -> str | None:
+    litellm = env.find_litellm(given)
+    if litellm is None and install and given == "auto":
+        print(f"installing LiteLLM's proxy into {env.LITELLM_VENV}", flush=True)
+        if env.install_litellm() != 0:
+            print("installation failed", file=sys.stderr)
+            return None
+        litellm = env.find_litellm(given)
+    if litellm is None:
+        commands = " && ".join(shlex.join(c) for c in env.litellm_install_commands())
+        print(
+            f"The LiteLLM row needs LiteLLM's proxy ({given if given != 'auto' else 'litellm'} not found). "
+            f"Install with:\n\n  {commands}\n\nor run `python -m bench --litellm --install` to have it run that.",
+            file=sys.stderr,
+        )
+    return litellm
 
 
 def check_tools(install: bool) -> tuple[str, str] | None:
@@ -200,9 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     if tools is None:
         return 3
     nginx, wrk = tools
+    litellm = None if ns.litellm is None else check_litellm(ns.litellm, ns.install)
+    if ns.litellm is not None and litellm is None:
+        return 3
     options = Options.make(ns.quick, ns.repeat, ns.duration)
     place = env.placement()
     machine, versions = env.machine(), env.versions(nginx, wrk)
+    if litellm is not None:
+        versions["litellm"] = env.litellm_version(litellm)
     nofile = raise_fd_limit()
     os.sched_setaffinity(0, place.loadgen)  # this process is the streams' load generator
     started = dt.datetime.now(dt.UTC)
@@ -221,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     with tempfile.TemporaryDirectory(prefix="glm-bench-") as tmp:
         profiler = Profiler(py_spy, Path(tmp) / "profile", place.loadgen) if py_spy else None
-        ctx = Ctx(options, place, nginx, wrk, Path(tmp), profiler)
+        ctx = Ctx(options, place, nginx, wrk, Path(tmp), profiler, litellm)
         results = asyncio.run(run_all(ctx, ns.workloads))
     finished = dt.datetime.now(dt.UTC)
     rows = [row for r in results for row in r.rows]

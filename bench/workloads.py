@@ -24,13 +24,15 @@ from bench.procs import (
     foreign_cpu_since,
     start_floor,
     start_gateway,
+    start_litellm,
     start_nginx,
     start_sim,
 )
 from bench.profile import Profiler
 
 CONFIGS = ("direct", "nginx", "gateway")
-WRK_CONFIGS = (*CONFIGS, "floor")  # workloads 1 and 2 also measure bench.floor, the least an aiohttp proxy adds
+# Workloads 1 and 2 also measure bench.floor, the least an aiohttp proxy adds; 1 to 3 LiteLLM's proxy
+# when --litellm names it.
 CHAT = "/v1/chat/completions"
 
 # The engine answers at once, so the proxies, not the engine, are what is measured.
@@ -84,7 +86,12 @@ class Ctx:
     wrk: str
     workdir: Path
     profiler: Profiler | None = None
+    litellm: str | None = None  # LiteLLM's command, for its optional row
     background: list[float] = dataclasses.field(default_factory=list)  # other processes' CPU, per run
+
+    def configs(self, *extra: str) -> tuple[str, ...]:
+        """The configurations a workload alternates: the three, ``extra`` ones, and LiteLLM when asked for."""
+        return (*CONFIGS, *extra, *(("litellm",) if self.litellm else ()))
 
 
 @dataclass
@@ -146,9 +153,10 @@ def services(
     sim: dict[str, float | int | str],
     gateway_extra: tuple[str, ...] = (),
     proxies: bool = True,
-    floor: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[dict[str, Proc]]:
-    """The engine, and (unless ``proxies`` is False) nginx and the gateway in front of it (and the floor)."""
+    """The engine, and (unless ``proxies`` is False) nginx and the gateway in front of it, and the
+    ``extra`` configurations ("floor", "litellm") beside them."""
     with contextlib.ExitStack() as stack:
         procs: dict[str, Proc] = {}
         procs["direct"] = start_sim(ctx.workdir, ctx.place.sim, **sim)
@@ -158,9 +166,13 @@ def services(
             stack.callback(procs["nginx"].stop)
             procs["gateway"] = start_gateway(ctx.workdir, ctx.place.proxy, procs["direct"].url, *gateway_extra)
             stack.callback(procs["gateway"].stop)
-        if floor:
-            procs["floor"] = start_floor(ctx.workdir, ctx.place.proxy, procs["direct"].url)
-            stack.callback(procs["floor"].stop)
+        for name in extra:
+            if name == "floor":
+                procs[name] = start_floor(ctx.workdir, ctx.place.proxy, procs["direct"].url)
+            else:
+                assert name == "litellm" and ctx.litellm is not None
+                procs[name] = start_litellm(ctx.workdir, ctx.place.proxy, ctx.litellm, procs["direct"].url)
+            stack.callback(procs[name].stop)
         yield procs
 
 
@@ -225,12 +237,13 @@ def _efficiency(runs: dict[str, list[dict[str, Any]]], rate: str) -> tuple[list[
 async def _wrk_runs(ctx: Ctx, connections: int) -> dict[str, list[dict[str, Any]]]:
     o = ctx.options
     script = wrk.write_script(ctx.workdir / "chat.lua", chat_body(16))
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in WRK_CONFIGS}
-    with services(ctx, FAST_SIM, floor=True) as procs:
+    configs = ctx.configs("floor")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    with services(ctx, FAST_SIM, extra=configs[len(CONFIGS) :]) as procs:
         if o.warmup:
-            for name in WRK_CONFIGS:
+            for name in configs:
                 await wrk.run(ctx.wrk, procs[name].url + CHAT, script, connections, o.warmup, ctx.place.loadgen)
-        for _, name in alternate(o.repeat, WRK_CONFIGS):
+        for _, name in alternate(o.repeat, configs):
             url = procs[name].url + CHAT
             work = wrk.run(ctx.wrk, url, script, connections, o.duration, ctx.place.loadgen)
             run, cpu, other = await measure(ctx, procs[name], work)
@@ -241,8 +254,8 @@ async def _wrk_runs(ctx: Ctx, connections: int) -> dict[str, list[dict[str, Any]
 
 async def latency_c1(ctx: Ctx) -> Result:
     runs = await _wrk_runs(ctx, 1)
-    p50 = {n: med([r["p50_ms"] for r in runs[n]]) for n in WRK_CONFIGS}
-    p99 = {n: med([r["p99_ms"] for r in runs[n]]) for n in WRK_CONFIGS}
+    p50 = {n: med([r["p50_ms"] for r in runs[n]]) for n in runs}
+    p99 = {n: med([r["p99_ms"] for r in runs[n]]) for n in runs}
     added50 = p50["gateway"] - p50["direct"]
     added99 = p99["gateway"] - p99["direct"]
     rows = [
@@ -255,12 +268,16 @@ async def latency_c1(ctx: Ctx) -> Result:
         Row(1, "gateway added over the floor, p50, c=1 (its features)", "ms", None, None, None,
             p50["gateway"] - p50["floor"], "", None),
     ]  # fmt: skip
+    if "litellm" in runs:
+        added99 = f"p99 +{p99['litellm'] - p99['direct']:.3f} ms"
+        rows.append(Row(1, "LiteLLM added p50 / p99, c=1 (reference)", "ms", None, None, None,
+                        p50["litellm"] - p50["direct"], added99, None))  # fmt: skip
     return Result(1, "small chat completion, not streamed, c=1", {"body": chat_body(16).decode()}, runs, rows)
 
 
 async def throughput_c64(ctx: Ctx) -> Result:
     runs = await _wrk_runs(ctx, 64)
-    rps = {n: med([r["rps"] for r in runs[n]]) for n in WRK_CONFIGS}
+    rps = {n: med([r["rps"] for r in runs[n]]) for n in runs}
     ratio = rps["gateway"] / rps["nginx"]
     cpu, per_cpu = _efficiency(runs, "rps")
     rows = [
@@ -272,6 +289,9 @@ async def throughput_c64(ctx: Ctx) -> Result:
         Row(2, "floor requests/s, c=64 (value: gateway / floor)", "req/s", None, None, None,
             rps["gateway"] / rps["floor"], f"floor {rps['floor']:,.0f} req/s", None),
     ]  # fmt: skip
+    if "litellm" in runs:
+        rows.append(Row(2, "LiteLLM requests/s, c=64 (value: gateway / LiteLLM)", "req/s", None, None, None,
+                        rps["gateway"] / rps["litellm"], f"LiteLLM {rps['litellm']:,.0f} req/s", None))  # fmt: skip
     return Result(2, "small chat completion, not streamed, c=64", {"connections": 64}, runs, rows)
 
 
@@ -285,12 +305,13 @@ STREAM_S = STREAM_TOKENS * 0.002  # a stream's length at that pace: the workers'
 async def streams_c64(ctx: Ctx) -> Result:
     o = ctx.options
     body = chat_body(STREAM_TOKENS, stream=True)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
-    with services(ctx, STREAM_SIM) as procs:
+    configs = ctx.configs()
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    with services(ctx, STREAM_SIM, extra=configs[len(CONFIGS) :]) as procs:
         if o.warmup:
-            for name in CONFIGS:
+            for name in configs:
                 await client.stream_load(procs[name].url + CHAT, body, 64, o.warmup, STREAM_TOKENS, STREAM_S)
-        for _, name in alternate(o.repeat):
+        for _, name in alternate(o.repeat, configs):
             work = client.stream_load(procs[name].url + CHAT, body, 64, o.duration, STREAM_TOKENS, STREAM_S)
             (stats, window), cpu, other = await measure(ctx, procs[name], work)
             runs[name].append(
@@ -309,22 +330,27 @@ async def streams_c64(ctx: Ctx) -> Result:
                     "other_cpu": other,
                 }
             )
-    eps = {n: med([r["events_per_s"] for r in runs[n]]) for n in CONFIGS}
-    ttft = {n: med([r["ttft_p50_ms"] for r in runs[n]]) for n in CONFIGS}
-    gap = {n: med([r["gap_p99_ms"] for r in runs[n]]) for n in CONFIGS}
+    eps = {n: med([r["events_per_s"] for r in runs[n]]) for n in runs}
+    ttft = {n: med([r["ttft_p50_ms"] for r in runs[n]]) for n in runs}
+    gap = {n: med([r["gap_p99_ms"] for r in runs[n]]) for n in runs}
     ratio = eps["gateway"] / eps["nginx"]
     added = ttft["gateway"] - ttft["direct"]
     cpu, per_cpu = _efficiency(runs, "events_per_s")
     rows = [
-        Row(3, "SSE events/s, c=64 (value: gateway / nginx)", "ev/s", *eps.values(), ratio, "≥ 0.9 × nginx",
+        Row(3, "SSE events/s, c=64 (value: gateway / nginx)", "ev/s", *_three(eps), ratio, "≥ 0.9 × nginx",
             ratio >= 0.9),
-        Row(3, "TTFT p50, c=64 (value: gateway added)", "ms", *ttft.values(), added, "≤ 1 ms", added <= 1.0),
-        Row(3, "inter-chunk gap p99, c=64 (value: gateway added)", "ms", *gap.values(),
+        Row(3, "TTFT p50, c=64 (value: gateway added)", "ms", *_three(ttft), added, "≤ 1 ms", added <= 1.0),
+        Row(3, "inter-chunk gap p99, c=64 (value: gateway added)", "ms", *_three(gap),
             gap["gateway"] - gap["direct"], "", None),
         Row(3, "proxy CPU, c=64 (share of its core)", "%", None, *cpu, None, "", None),
         Row(3, "events per proxy CPU-second (value: gateway / nginx)", "ev/s", None, *per_cpu,
             per_cpu[1] / per_cpu[0], "", None),
     ]  # fmt: skip
+    if "litellm" in runs:
+        rows.append(Row(3, "LiteLLM SSE events/s, c=64 (value: gateway / LiteLLM)", "ev/s", None, None, None,
+                        eps["gateway"] / eps["litellm"],
+                        f"LiteLLM {eps['litellm']:,.0f} ev/s, TTFT p50 +{ttft['litellm'] - ttft['direct']:.1f} ms",
+                        None))  # fmt: skip
     params = {"concurrency": 64, "tokens": STREAM_TOKENS, "sim": STREAM_SIM}
     return Result(3, f"{STREAM_TOKENS}-token streams, c=64", params, runs, rows)
 

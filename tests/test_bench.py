@@ -50,3 +50,18 @@ def test_missing_tools_are_reported_not_installed(
     err = capsys.readouterr().err
     assert "apt-get install -y --no-install-recommends nginx wrk" in err
     assert installed == []
+
+
+@pytest.mark.skipif(bool(missing_tools()), reason="the benchmark needs nginx and wrk")
+def test_missing_litellm_is_reported_not_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from bench import env, run
+
+    installed: list[bool] = []
+    monkeypatch.setattr(env, "install_litellm", lambda: installed.append(True) or 1)
+    assert run.main(["--quick", "--litellm", str(tmp_path / "litellm")]) == 3
+    err = capsys.readouterr().err
+    assert "The LiteLLM row needs LiteLLM's proxy" in err
+    assert "install -q 'litellm[proxy]'" in err
+    assert installed == []
