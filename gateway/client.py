@@ -69,7 +69,8 @@ class Origin:
         if parts.username is not None:
             userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             self.authorization = "Basic " + base64.b64encode(userinfo.encode()).decode()
-        self.idle: list[EngineConnection] = []  # least recently used first
+        # an ordered set: least recently used first, popitem() takes the most recent, removal is O(1)
+        self.idle: dict[EngineConnection, None] = {}
         self.closed = False
 
 
@@ -142,8 +143,7 @@ class EngineConnection(asyncio.Protocol):
         if transport is None:
             return
         self._disarm()
-        if self in self.origin.idle:
-            self.origin.idle.remove(self)
+        self.origin.idle.pop(self, None)
         if self._complete or self._error is not None:
             self._wake()
         elif exc is None and self._headers_done and self.content_length is None and not self._chunked():
@@ -263,7 +263,7 @@ class EngineConnection(asyncio.Protocol):
         self._disarm()
         if usable and not self.origin.closed:
             self.idle_since = time.monotonic()
-            self.origin.idle.append(self)
+            self.origin.idle[self] = None
         else:
             self.close()
 
@@ -371,10 +371,14 @@ class EngineClient:
     def _reuse(self, origin: Origin) -> EngineConnection | None:
         idle = origin.idle
         oldest = time.monotonic() - KEEPALIVE_TIMEOUT
-        while idle and idle[0].idle_since <= oldest:  # expired, least recently used first
-            idle.pop(0).close()
+        while idle:  # expired ones, least recently used first
+            conn = next(iter(idle))
+            if conn.idle_since > oldest:
+                break
+            del idle[conn]
+            conn.close()
         while idle:
-            conn = idle.pop()
+            conn = idle.popitem()[0]
             if conn.idle_since > oldest and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 return conn

@@ -336,3 +336,43 @@ async def test_gateway_keeps_one_engine_connection_for_sequential_requests(sim: 
     assert not gw.gateway.proxy.client.origin(sim.url).idle
     # the health checks' own client closed too: the engine sees no connection left
     await wait_for(lambda: not sim.runner.server.connections, "the engine to see every connection closed")
+
+
+async def test_connections_idle_past_the_keepalive_are_closed_not_reused(
+    engine_client: EngineClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "KEEPALIVE_TIMEOUT", 0.05)
+    closed: list[int] = []
+
+    async def keepalive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(OK)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            closed.append(1)  # the client closed the connection
+
+    async with scripted(keepalive) as (url, accepted):
+        first, second = await asyncio.gather(
+            *(engine_client.request(url, "GET", "/v1/models", [], b"") for _ in range(2))
+        )
+        for resp in (first, second):
+            assert await resp.read() == b"ok"
+        first.release()
+        await asyncio.sleep(0.1)  # past the (shortened) keep-alive
+        second.release()
+        idle = engine_client.origin(url).idle
+        assert list(idle) == [first, second]
+        resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
+        assert resp is second  # the fresh one is reused ...
+        assert not idle  # ... and the expired one is closed, not left in the pool
+        await wait_for(lambda: closed == [1], "the engine to see the expired connection closed")
+        resp.release()
+        await asyncio.sleep(0.1)
+        resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
+        assert resp is not second  # expired too by now: a new connection
+        await resp.read()
+        resp.release()
+        await wait_for(lambda: closed == [1, 1], "the engine to see the second one closed")
+    assert accepted[0] == 3
