@@ -49,13 +49,23 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head
 
 
-def answering(raw: bytes) -> Script:
-    """An engine that reads a request, writes ``raw`` and closes the connection (FIN)."""
+def answering(raw: bytes, then: str = "close", seen: list[bytes] | None = None) -> Script:
+    """An engine that reads a request (into ``seen``) and writes ``raw``; ``then`` it closes the
+    connection ("close", a FIN), keeps it open until the client closes it ("hold") or resets it ("reset",
+    an RST)."""
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
+        head = await read_request(reader)
+        if seen is not None:
+            seen.append(head)
         writer.write(raw)
         await writer.drain()
+        if then == "hold":
+            await reader.read()
+        elif then == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
 
     return script
 
@@ -160,28 +170,21 @@ async def test_answer_cut_short_raises_after_what_arrived(engine_client: EngineC
 
 
 async def test_garbage_is_not_http(engine_client: EngineClient) -> None:
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
-        await reader.read()
-
-    async with scripted(garbage) as (url, _):
+    async with scripted(answering(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", then="hold")) as (url, _):
         with pytest.raises(EngineBrokeOff, match="not valid HTTP"):
             await engine_client.request(url, "GET", "/v1/models", [], b"")
 
 
 async def test_head_answer_has_no_body_and_is_not_reused(engine_client: EngineClient) -> None:
-    async def head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        assert (await read_request(reader)).startswith(b"HEAD /v1/models HTTP/1.1\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\n\r\n")
-        await reader.read()
-
-    async with scripted(head) as (url, _):
+    seen: list[bytes] = []
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\n\r\n"
+    async with scripted(answering(head, "hold", seen)) as (url, _):
         resp = await engine_client.request(url, "HEAD", "/v1/models", [], b"")
         assert (resp.status, resp.content_length, resp.content_type) == (200, 5, "application/json")
         assert await resp.read() == b""
         resp.release()
         assert not engine_client.origin(url).idle
+    assert seen[0].startswith(b"HEAD /v1/models HTTP/1.1\r\n")
 
 
 async def test_large_chunked_body_to_a_slow_reader(engine_client: EngineClient) -> None:
@@ -221,13 +224,7 @@ async def test_body_ending_with_the_connection(engine_client: EngineClient) -> N
 
 async def test_request_head_as_written(engine_client: EngineClient) -> None:
     seen: list[bytes] = []
-
-    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(await read_request(reader))
-        writer.write(OK)
-        await writer.drain()
-
-    async with scripted(record) as (url, _):
+    async with scripted(answering(OK, seen=seen)) as (url, _):
         resp = await engine_client.request(url + "/engine", "POST", "/v1/x?a=1", [("X-A", "b"), ("X-T", "中文")], b"{}")
         await resp.read()
         resp.release()
@@ -301,15 +298,8 @@ async def test_engine_answering_before_reading_the_body(engine_client: EngineCli
 
 
 async def test_reset_during_a_body_without_length(engine_client: EngineClient) -> None:
-    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart")
-        await writer.drain()
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()  # RST, not FIN: the body did not end
-
-    async with scripted(reset) as (url, _):
+    # RST, not FIN: the body did not end
+    async with scripted(answering(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart", then="reset")) as (url, _):
         resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
         with pytest.raises(EngineBrokeOff):
             await resp.read()
