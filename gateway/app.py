@@ -27,7 +27,7 @@ from gateway.metrics.engine import EngineCollector, EngineSource
 from gateway.metrics.gateway import GatewayMetrics
 from gateway.metrics.gpu import GpuCollector
 from gateway.metrics.host import HostCollector
-from gateway.proxy import PROXIED_PATHS, Proxy
+from gateway.proxy import ENDPOINTS, Proxy
 from gateway.settings import Settings
 from gateway.upstreams import UpstreamPool, client_session
 
@@ -113,9 +113,9 @@ class Gateway:
         handle = self.proxy.handle
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_routes(health.handlers(self))
-        app.router.add_route("*", "/v1/{tail:.*}", handle)
-        for path in PROXIED_PATHS:  # vLLM's own routes outside /v1
+        for path in ENDPOINTS:  # the OpenAI routes, and vLLM's own outside /v1: found by one dict lookup
             app.router.add_route("*", path, handle)
+        app.router.add_route("*", "/v1/{tail:.*}", handle)  # any other /v1 route the engine may have
         app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
         return app
 

@@ -56,7 +56,7 @@ class _Stale(EngineBrokeOff):
 class Origin:
     """Where one engine listens, and its idle keep-alive connections."""
 
-    __slots__ = ("authorization", "closed", "host", "host_header", "idle", "port", "prefix", "ssl")
+    __slots__ = ("authorization", "closed", "host", "host_header", "idle", "port", "prefix", "ssl", "sweep")
 
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
@@ -71,7 +71,41 @@ class Origin:
             self.authorization = "Basic " + base64.b64encode(userinfo.encode()).decode()
         # an ordered set: least recently used first, popitem() takes the most recent, removal is O(1)
         self.idle: dict[EngineConnection, None] = {}
+        self.sweep: asyncio.TimerHandle | None = None  # closes idle connections as they expire
         self.closed = False
+
+    def keep(self, conn: EngineConnection) -> None:
+        conn.idle_since = time.monotonic()
+        self.idle[conn] = None
+        if self.sweep is None:
+            self.sweep = conn.loop.call_later(KEEPALIVE_TIMEOUT, self._sweep, conn.loop)
+
+    def expire(self, before: float) -> None:
+        """Close the connections idle since before ``before``, least recently used first."""
+        idle = self.idle
+        while idle:
+            conn = next(iter(idle))
+            if conn.idle_since > before:
+                return
+            del idle[conn]
+            conn.close()
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.sweep = None
+        now = time.monotonic()
+        self.expire(now - KEEPALIVE_TIMEOUT)
+        if self.idle:  # the oldest left expires later
+            delay = next(iter(self.idle)).idle_since + KEEPALIVE_TIMEOUT - now
+            self.sweep = loop.call_later(max(delay, 0.0) + 0.001, self._sweep, loop)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.sweep is not None:
+            self.sweep.cancel()
+            self.sweep = None
+        for conn in list(self.idle):
+            conn.close()
+        self.idle.clear()
 
 
 class EngineConnection(asyncio.Protocol):
@@ -88,6 +122,7 @@ class EngineConnection(asyncio.Protocol):
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None  # the read timeout's, armed once per answer
         self._waiting_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)  # llhttp reads one answer after another
         self._new_answer()
 
     def _new_answer(self) -> None:
@@ -97,7 +132,6 @@ class EngineConnection(asyncio.Protocol):
         self.content_type = ""
         self.content_length: int | None = None
         self._raw_headers: list[tuple[str, str]] = []
-        self._parser = httptools.HttpResponseParser(self)
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -262,8 +296,7 @@ class EngineConnection(asyncio.Protocol):
         usable = self._complete and self._keep_alive and not self._chunks and self.transport is not None
         self._disarm()
         if usable and not self.origin.closed:
-            self.idle_since = time.monotonic()
-            self.origin.idle[self] = None
+            self.origin.keep(self)
         else:
             self.close()
 
@@ -371,12 +404,7 @@ class EngineClient:
     def _reuse(self, origin: Origin) -> EngineConnection | None:
         idle = origin.idle
         oldest = time.monotonic() - KEEPALIVE_TIMEOUT
-        while idle:  # expired ones, least recently used first
-            conn = next(iter(idle))
-            if conn.idle_since > oldest:
-                break
-            del idle[conn]
-            conn.close()
+        origin.expire(oldest)  # the sweep may not have run yet
         while idle:
             conn = idle.popitem()[0]
             if conn.idle_since > oldest and conn.transport is not None and not conn.transport.is_closing():
@@ -404,7 +432,4 @@ class EngineClient:
 
     def close(self) -> None:
         for origin in self._origins.values():
-            origin.closed = True
-            for conn in list(origin.idle):
-                conn.close()
-            origin.idle.clear()
+            origin.close()

@@ -46,7 +46,6 @@ ENDPOINTS = {
     "/detokenize": "detokenize",
     "/version": "version",
 }
-PROXIED_PATHS = tuple(path for path in ENDPOINTS if not path.startswith("/v1/"))
 _INLINE_BODY_MAX = 1 << 20  # answers up to this size are read whole and written in one go
 _SSE = "text/event-stream"
 _DONE = b"data: [DONE]\n\n"
