@@ -80,6 +80,19 @@ class Origin:
         if self.sweep is None:
             self.sweep = conn.loop.call_later(KEEPALIVE_TIMEOUT, self._sweep, conn.loop)
 
+    def take(self) -> EngineConnection | None:
+        """The most recently used idle connection that is still open, after closing the expired ones
+        (the sweep may not have run yet)."""
+        idle = self.idle
+        self.expire(time.monotonic() - KEEPALIVE_TIMEOUT)
+        while idle:
+            conn = idle.popitem()[0]
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
     def expire(self, before: float) -> None:
         """Close the connections idle since before ``before``, least recently used first."""
         idle = self.idle
@@ -382,7 +395,7 @@ class EngineClient:
         lines.append("\r\n")
         head = "".join(lines).encode("utf-8", "surrogateescape")  # the client's bytes, as aiohttp decoded them
         head_only = method == "HEAD"
-        conn = self._reuse(origin)
+        conn = origin.take()
         if conn is not None:
             try:
                 return await self._exchange(conn, head, body, head_only)
@@ -400,18 +413,6 @@ class EngineClient:
             conn.close()
             raise
         return conn
-
-    def _reuse(self, origin: Origin) -> EngineConnection | None:
-        idle = origin.idle
-        oldest = time.monotonic() - KEEPALIVE_TIMEOUT
-        origin.expire(oldest)  # the sweep may not have run yet
-        while idle:
-            conn = idle.popitem()[0]
-            if conn.idle_since > oldest and conn.transport is not None and not conn.transport.is_closing():
-                conn.reused = True
-                return conn
-            conn.close()
-        return None
 
     async def _connect(self, origin: Origin) -> EngineConnection:
         loop = asyncio.get_running_loop()
