@@ -15,6 +15,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.wrk import API_KEY
+from gateway.access import keys as access_keys
+
 MODEL = "glm-4-9b-chat-1m"
 
 
@@ -203,7 +206,7 @@ def start_sim(workdir: Path, cpus: frozenset[int], **settings: float | int | str
     return _started(Proc("sim", args, cpus, workdir / "sim.log"), port, "/health")
 
 
-def start_gateway(workdir: Path, cpus: frozenset[int], upstream: str, *extra: str) -> Proc:
+def start_gateway(workdir: Path, cpus: frozenset[int], upstream: str, *extra: str, name: str = "gateway") -> Proc:
     """glm-gateway serve, one process, every feature on: admission with a token budget, histograms,
     request ids, engine /metrics aggregation, health checks."""
     port = free_port()
@@ -212,7 +215,17 @@ def start_gateway(workdir: Path, cpus: frozenset[int], upstream: str, *extra: st
         "--upstream", upstream, "--max-concurrency", "2048", "--max-queue", "4096",
         "--max-tokens-in-flight", "4000000000", "--log-level", "warning", *extra,
     ]  # fmt: skip
-    return _started(Proc("gateway", args, cpus, workdir / "gateway.log"), port, "/health/ready")
+    return _started(Proc(name, args, cpus, workdir / f"{name}.log"), port, "/health/ready")
+
+
+def start_keyed_gateway(workdir: Path, cpus: frozenset[int], upstream: str) -> Proc:
+    """The gateway with a keys file: wrk's key, with rate limits checked on every request but never hit."""
+    keys = workdir / "keys.toml"
+    keys.write_text(
+        f'[[key]]\nname = "bench"\nsha256 = "{access_keys.digest(API_KEY)}"\n'
+        "requests_per_minute = 1000000000\ntokens_per_minute = 1000000000000\n"
+    )
+    return start_gateway(workdir, cpus, upstream, "--keys-file", str(keys), name="keys")
 
 
 def start_floor(workdir: Path, cpus: frozenset[int], upstream: str) -> Proc:

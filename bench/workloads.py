@@ -24,6 +24,7 @@ from bench.procs import (
     foreign_cpu_since,
     start_floor,
     start_gateway,
+    start_keyed_gateway,
     start_litellm,
     start_nginx,
     start_sim,
@@ -169,6 +170,8 @@ def services(
         for name in extra:
             if name == "floor":
                 procs[name] = start_floor(ctx.workdir, ctx.place.proxy, procs["direct"].url)
+            elif name == "keys":
+                procs[name] = start_keyed_gateway(ctx.workdir, ctx.place.proxy, procs["direct"].url)
             else:
                 assert name == "litellm" and ctx.litellm is not None
                 procs[name] = start_litellm(ctx.workdir, ctx.place.proxy, ctx.litellm, procs["direct"].url)
@@ -237,7 +240,7 @@ def _efficiency(runs: dict[str, list[dict[str, Any]]], rate: str) -> tuple[list[
 async def _wrk_runs(ctx: Ctx, connections: int) -> dict[str, list[dict[str, Any]]]:
     o = ctx.options
     script = wrk.write_script(ctx.workdir / "chat.lua", chat_body(16))
-    configs = ctx.configs("floor")
+    configs = ctx.configs("floor", "keys")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     with services(ctx, FAST_SIM, extra=configs[len(CONFIGS) :]) as procs:
         if o.warmup:
@@ -267,6 +270,8 @@ async def latency_c1(ctx: Ctx) -> Result:
             p50["floor"] - p50["direct"], f"p99 +{p99['floor'] - p99['direct']:.3f} ms", None),
         Row(1, "gateway added over the floor, p50, c=1 (its features)", "ms", None, None, None,
             p50["gateway"] - p50["floor"], "", None),
+        Row(1, "keys and rate limits added over the gateway, p50 / p99, c=1", "ms", None, None, None,
+            p50["keys"] - p50["gateway"], f"p99 {p99['keys'] - p99['gateway']:+.3f} ms", None),
     ]  # fmt: skip
     if "litellm" in runs:
         added99 = f"p99 +{p99['litellm'] - p99['direct']:.3f} ms"
@@ -288,6 +293,8 @@ async def throughput_c64(ctx: Ctx) -> Result:
             per_cpu[1] / per_cpu[0], "", None),
         Row(2, "floor requests/s, c=64 (value: gateway / floor)", "req/s", None, None, None,
             rps["gateway"] / rps["floor"], f"floor {rps['floor']:,.0f} req/s", None),
+        Row(2, "with keys and rate limits, requests/s, c=64 (value: keyed gateway / gateway)", "req/s", None, None,
+            None, rps["keys"] / rps["gateway"], f"keys {rps['keys']:,.0f} req/s", None),
     ]  # fmt: skip
     if "litellm" in runs:
         rows.append(Row(2, "LiteLLM requests/s, c=64 (value: gateway / LiteLLM)", "req/s", None, None, None,

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 _MARK = "BENCH_RESULT "
+API_KEY = "sk-bench-0123456789abcdef"  # sent to every configuration; the keyed gateway checks it
 
 # wrk's HdrHistogram, the one behind --latency, read in microseconds through the done() hook
 LUA = """\
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
 wrk.body = [==[{body}]==]
 
 done = function(summary, latency, requests)
@@ -31,7 +33,7 @@ end
 def write_script(path: Path, body: bytes) -> Path:
     if b"]==]" in body:
         raise ValueError("the body cannot be embedded in a Lua long string")
-    path.write_text(LUA.format(body=body.decode(), mark=_MARK), encoding="utf-8")
+    path.write_text(LUA.format(body=body.decode(), mark=_MARK, key=API_KEY), encoding="utf-8")
     return path
 
 

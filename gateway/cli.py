@@ -1,4 +1,4 @@
-"""The ``glm-gateway`` command: ``serve`` the gateway, ``sim`` the simulated engine, or ``demo`` both."""
+"""The ``glm-gateway`` command: ``serve`` the gateway, ``sim`` the simulated engine, ``demo`` both, or ``keys``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import uvloop
 
 from gateway import __version__, logs
+from gateway.access import keys
 from gateway.app import serve
 from gateway.settings import Settings, SimSettings
 from gateway.sim.engine import SimEngine, bound_port
@@ -65,7 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     demo_p.add_argument("--port", type=int, default=8080, help="gateway port (default: %(default)s)")
     demo_p.add_argument("--sim-port", type=int, default=0, help="engine port; 0 picks a free one (default: 0)")
     demo_p.add_argument("--itl", type=float, default=0.05, help="engine seconds per token (default: %(default)s)")
+    keys_p = commands.add_parser("keys", help="manage API keys for --keys-file")
+    keys_commands = keys_p.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    new_p = keys_commands.add_parser("new", help="print a fresh random key once, and the entry for the keys file")
+    new_p.add_argument("name", help="the key's name in logs and metrics (letters, digits, '-', '_')")
     return parser
+
+
+def _new_key(name: str) -> int:
+    key = keys.new_key()
+    entry = keys.file_entry(name, key)
+    keys.parse(entry)  # the name is one the keys file accepts
+    print(f"API key (shown once, give it to the client):\n\n  {key}\n\nAdd to the keys file:\n\n{entry}")
+    return 0
 
 
 async def _run_sim(settings: SimSettings) -> int:
@@ -114,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
         logs.configure(settings.log_format, settings.log_level)
         return _run(serve(settings))
+    if ns.command == "keys":
+        try:
+            return _new_key(ns.name)
+        except ValueError as exc:
+            parser.error(str(exc))
     if ns.command == "sim":
         sim_settings = SimSettings.from_namespace(ns)
         logs.configure("text", sim_settings.log_level)

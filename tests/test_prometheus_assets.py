@@ -57,6 +57,14 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "gateway_upstream_requests_in_flight",
         "gateway_draining",
         "gateway_build_info",
+        # access: API keys and their limits
+        "gateway_key_tokens_total",
+        "gateway_key_requests_in_flight",
+        "gateway_key_queue_depth",
+        "gateway_rate_limited_total",
+        "gateway_keys",
+        "gateway_keys_reload_failed",
+        "gateway_limits_redis_up",
         # GPU (NVML)
         "gateway_gpu_available",
         "gateway_gpu_info",
