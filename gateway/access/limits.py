@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.access.keys import Key
 
@@ -48,8 +48,7 @@ return {ok, tostring(levels[1]), tostring(levels[2]), tostring(waits[1]), tostri
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Levels:
+class Levels(NamedTuple):
     """What one bucket update left: whether it took, each bucket's level, and each one's wait for the ask."""
 
     ok: bool
@@ -59,21 +58,26 @@ class Levels:
     tokens_wait: float
 
 
+def _refill(level: float, cap: int, elapsed: float) -> float:
+    return min(cap, level + elapsed * cap / 60)
+
+
 def apply(state: list[float], caps: tuple[int, int], take: tuple[int, int], check: bool, now: float) -> Levels:
     """The Lua script's arithmetic on local state ``[requests, tokens, ts]`` (ts < 0: a new, full bucket)."""
-    ts = state[2] if state[2] >= 0 else now
-    levels, waits = [0.0, 0.0], [0.0, 0.0]
-    for i in range(2):
-        cap = caps[i]
-        level = min(cap, (state[i] if state[2] >= 0 else cap) + (now - ts) * cap / 60)
-        levels[i] = level
-        if cap > 0 and level < take[i]:
-            waits[i] = (take[i] - level) * 60 / cap
-    ok = not (check and (waits[0] > 0 or waits[1] > 0))
+    (cap_r, cap_t), (take_r, take_t) = caps, take
+    if state[2] < 0:
+        requests, tokens = float(cap_r), float(cap_t)
+    else:
+        elapsed = now - state[2]
+        requests, tokens = _refill(state[0], cap_r, elapsed), _refill(state[1], cap_t, elapsed)
+    wait_r = (take_r - requests) * 60 / cap_r if cap_r and requests < take_r else 0.0
+    wait_t = (take_t - tokens) * 60 / cap_t if cap_t and tokens < take_t else 0.0
+    ok = not (check and (wait_r or wait_t))
     if ok:
-        levels = [levels[0] - take[0], levels[1] - take[1]]
-    state[:] = [levels[0], levels[1], now]
-    return Levels(ok, levels[0], levels[1], waits[0], waits[1])
+        requests -= take_r
+        tokens -= take_t
+    state[0], state[1], state[2] = requests, tokens, now
+    return Levels(ok, requests, tokens, wait_r, wait_t)
 
 
 class Store(Protocol):
@@ -157,7 +161,7 @@ class RedisStore:
         await self.redis.aclose()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """A keyed request's rate-limit state, for its x-ratelimit-* headers; ``denied`` names the limit hit."""
 
