@@ -16,7 +16,9 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.access.keys import digest
+from gateway.access.keys import Key, KeyRing, digest, parse
+from gateway.cli import main
+from gateway.settings import Settings
 from tests.harness import (
     CHAT,
     HELLO,
@@ -376,3 +378,52 @@ async def test_no_key_material_in_logs_status_or_metrics(
         assert secret not in seen
         assert digest(secret) not in seen
     await settled(gw, sim)
+
+
+# -- the file format --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not toml [", "not valid TOML"),
+        ("", "no [[key]] entries"),
+        ('[[key]]\nname = "a"\n', "exactly one of sha256 (recommended) or key"),
+        (f'[[key]]\nname = "a"\nsha256 = "{digest(TEAM_A)}"\nrpm = 5\n', "unknown field(s) rpm"),
+        (f'[[key]]\nname = "a b"\nsha256 = "{digest(TEAM_A)}"\n', "name must be"),
+        ('[[key]]\nname = "a"\nsha256 = "xyz"\n', "sha256 must be 64 hex digits"),
+        (f'[[key]]\nname = "a"\nsha256 = "{digest(TEAM_A)}"\nweight = 0\n', "weight must be"),
+        (f'[[key]]\nname = "a"\nsha256 = "{digest(TEAM_A)}"\ntokens_per_minute = -1\n', "tokens_per_minute"),
+        (entry("a", TEAM_A) + entry("a", TEAM_B), "used twice"),
+        (entry("a", TEAM_A) + entry("b", TEAM_A), "the same key as 'a'"),
+        (entry("anonymous", TEAM_A), "reserved"),
+    ],
+)
+def test_a_bad_keys_file_stops_the_start_naming_it(tmp_path: Path, text: str, message: str) -> None:
+    path = keys_file(tmp_path / "keys.toml", text)
+    with pytest.raises(ValueError, match="--keys-file") as caught:
+        Settings(keys_file=path)
+    assert message in str(caught.value)
+    assert TEAM_A not in str(caught.value)
+
+
+def test_plain_keys_in_the_file_and_on_the_command_line(tmp_path: Path) -> None:
+    path = keys_file(tmp_path / "keys.toml", f'[[key]]\nname = "a"\nkey = "{TEAM_A}"\nmodels = ["m"]\n')
+    ring = KeyRing.from_settings([], path)
+    assert ring is not None and ring.lookup(TEAM_A) == Key("a", digest(TEAM_A), models=frozenset({"m"}))
+    assert ring.lookup(TEAM_B) is None
+    flags = KeyRing.from_settings([TEAM_A, TEAM_B], "")
+    assert flags is not None and flags.names() == ["api-key-1", "api-key-2"]
+    assert all(k.admin for k in flags.keys.values())
+    assert KeyRing.from_settings([], "") is None
+    with pytest.raises(ValueError, match="--api-key"):
+        Settings(api_key=[TEAM_A], keys_file=path)
+
+
+def test_keys_new_prints_a_key_and_its_entry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "new", "team-c"]) == 0
+    out = capsys.readouterr().out
+    key = next(word for word in out.split() if word.startswith("sk-"))
+    entry_text = out[out.index("[[key]]") :]
+    assert parse(entry_text)[digest(key)].name == "team-c"
+    assert key not in entry_text
