@@ -58,18 +58,14 @@ class Levels(NamedTuple):
     tokens_wait: float
 
 
-def _refill(level: float, cap: int, elapsed: float) -> float:
-    return min(cap, level + elapsed * cap / 60)
-
-
 def apply(state: list[float], caps: tuple[int, int], take: tuple[int, int], check: bool, now: float) -> Levels:
     """The Lua script's arithmetic on local state ``[requests, tokens, ts]`` (ts < 0: a new, full bucket)."""
     (cap_r, cap_t), (take_r, take_t) = caps, take
     if state[2] < 0:
         requests, tokens = float(cap_r), float(cap_t)
     else:
-        elapsed = now - state[2]
-        requests, tokens = _refill(state[0], cap_r, elapsed), _refill(state[1], cap_t, elapsed)
+        minutes = (now - state[2]) / 60
+        requests, tokens = min(cap_r, state[0] + minutes * cap_r), min(cap_t, state[1] + minutes * cap_t)
     wait_r = (take_r - requests) * 60 / cap_r if cap_r and requests < take_r else 0.0
     wait_t = (take_t - tokens) * 60 / cap_t if cap_t and tokens < take_t else 0.0
     ok = not (check and (wait_r or wait_t))
@@ -102,7 +98,7 @@ class LocalStore:
         state = self._buckets.get(name)
         if state is None:
             state = self._buckets[name] = [0.0, 0.0, -1.0]
-        return apply(state, self.caps(caps), take, check, time.monotonic())
+        return apply(state, self.caps(caps) if self.share > 1 else caps, take, check, time.monotonic())
 
     async def update(self, name: str, caps: tuple[int, int], take: tuple[int, int], check: bool) -> Levels:
         return self.apply(name, caps, take, check)
