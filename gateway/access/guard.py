@@ -33,10 +33,9 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def presented_key(request: web.Request) -> str:
     """The key from ``Authorization: Bearer`` (what the openai SDKs send), else from ``x-api-key``."""
-    authorization = request.headers.get("Authorization")
-    if authorization is not None:
-        scheme, _, token = authorization.strip().partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else ""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip()
     return request.headers.get("x-api-key", "").strip()
 
 
