@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     if ns.command == "sim":
-        sim_settings = SimSettings.from_namespace(ns)
+        try:
+            sim_settings = SimSettings.from_namespace(ns)
+        except ValueError as exc:
+            parser.error(str(exc))
         logs.configure("text", sim_settings.log_level)
         return _run(_run_sim(sim_settings))
     logs.configure("text", "warning")

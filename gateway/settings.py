@@ -174,5 +174,42 @@ class SimSettings(_Options):
     prefill_tokens_per_s: float = option(20000.0, "prefill speed: time to first token grows by prompt/this")
     itl: float = option(0.01, "seconds between output tokens")
     output_tokens: int = option(16, "tokens generated when the request sets no max_tokens")
-    kv_cache_tokens: int = option(600000, "KV cache size in tokens, for vllm:kv_cache_usage_perc")
+    kv_cache_tokens: int = option(
+        600000, "KV cache size in tokens (16-token blocks), for vllm:kv_cache_usage_perc and vllm:cache_config_info"
+    )
+    vllm_compat: str = option(
+        "0.33", "vLLM generation to imitate (README: the sim's generations)", choices=("0.33", "0.11")
+    )
+    sse_keep_alive_interval: float = option(
+        0.0, "seconds a stream may be idle before a ': keep-alive' comment (0.33); 0 = off"
+    )
+    max_num_queued_reqs: int = option(
+        0, "unfinished requests (running + waiting) beyond which the engine answers 503 busy (0.33); 0 = unbounded"
+    )
+    api_key: str = option("", "key clients must send as Authorization: Bearer on /v1/* (vLLM's --api-key)", secret=True)
     log_level: str = option("warning", "log level", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        """Refuse at start what would only fail later (a hung engine, a traceback): each rule names the option."""
+        modern = self.vllm_compat == "0.33"
+        problems = [
+            f"--{name.replace('_', '-')} must be {rule}"
+            for name, ok, rule in (
+                ("port", 0 <= self.port <= 65535, "a port number"),
+                ("max_model_len", self.max_model_len >= 1, "at least 1"),
+                ("max_num_seqs", self.max_num_seqs >= 1, "at least 1"),
+                ("ttft", self.ttft >= 0, "0 or more"),
+                ("prefill_tokens_per_s", self.prefill_tokens_per_s > 0, "more than 0"),
+                ("itl", self.itl >= 0, "0 or more"),
+                ("output_tokens", self.output_tokens >= 1, "at least 1"),
+                ("kv_cache_tokens", self.kv_cache_tokens >= 16, "at least 16 (one block)"),
+                ("vllm_compat", self.vllm_compat in ("0.33", "0.11"), "0.33 or 0.11"),
+                ("sse_keep_alive_interval", self.sse_keep_alive_interval >= 0, "0 (off) or more"),
+                ("sse_keep_alive_interval", modern or not self.sse_keep_alive_interval, "0 with --vllm-compat 0.11"),
+                ("max_num_queued_reqs", self.max_num_queued_reqs >= 0, "0 (unbounded) or more"),
+                ("max_num_queued_reqs", modern or not self.max_num_queued_reqs, "0 with --vllm-compat 0.11"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -47,6 +47,17 @@ class Sim:
         async with aiohttp.ClientSession() as s, s.post(self.url + "/admin/faults", json=values) as r:
             assert r.status == 200, await r.text()
 
+    async def state(self) -> dict[str, Any]:
+        """``GET /admin/state``: running, peak_running (since start or reset), waiting, aborted, the journal."""
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/admin/state") as r:
+            assert r.status == 200
+            return await r.json()
+
+    async def reset(self) -> None:
+        """``POST /admin/reset``: faults off; journal, peak_running and prefix cache cleared."""
+        async with aiohttp.ClientSession() as s, s.post(self.url + "/admin/reset") as r:
+            assert r.status == 200
+
     @property
     def journal(self) -> list[dict[str, Any]]:
         return list(self.engine.journal)
