@@ -54,6 +54,15 @@ async def client_for(stack: contextlib.AsyncExitStack, sim: Sim, key: str = "unu
     return client
 
 
+async def settled_engine(sim: Sim, outcomes: list[str]) -> None:
+    """The journal's outcomes are ``outcomes``; refused requests never ran (no finished_reason counted for
+    them), and the engine holds nothing: no slot, no queue place, no unfinished request."""
+    assert sim.outcomes() == outcomes
+    await wait_for(lambda: sim.engine.unfinished == sim.engine.running == sim.engine.waiting == 0, "the engine idle")
+    ran = len([o for o in outcomes if o not in ("rejected", "busy")])
+    assert value(await sim_metrics(sim), "vllm:request_success_total") == ran
+
+
 async def occupy(stack: contextlib.AsyncExitStack, sim: Sim, n: int) -> None:
     """n long requests straight to the engine, cancelled when the test ends."""
     session = aiohttp.ClientSession()
@@ -101,7 +110,7 @@ async def test_033_refuses_a_prompt_that_alone_overflows_the_window(stack: conte
     assert status == 400
     error = error_body(json.loads(raw), code=400, type="BadRequestError", param="max_tokens")
     assert error["message"] == "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
-    assert sim.outcomes() == ["rejected"] * 3
+    await settled_engine(sim, ["rejected"] * 3)
 
 
 async def test_033_refuses_an_output_limit_larger_than_the_window(stack: contextlib.AsyncExitStack) -> None:
@@ -119,7 +128,7 @@ async def test_033_refuses_an_output_limit_larger_than_the_window(stack: context
     assert status == 400
     error = error_body(json.loads(raw), code=400, type="BadRequestError", param="max_completion_tokens")
     assert error["message"].startswith("max_completion_tokens=200 cannot be greater than max_model_len=100.")
-    assert sim.outcomes() == ["rejected", "rejected"]
+    await settled_engine(sim, ["rejected", "rejected"])
 
 
 async def test_011_refuses_what_does_not_fit_in_its_old_wording(stack: contextlib.AsyncExitStack) -> None:
@@ -142,7 +151,7 @@ async def test_011_refuses_what_does_not_fit_in_its_old_wording(stack: contextli
     )
     reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100 - prompt)  # type: ignore[arg-type]
     assert reply.usage is not None and reply.usage.completion_tokens == 100 - prompt
-    assert sim.outcomes() == ["rejected", "rejected", "length"]
+    await settled_engine(sim, ["rejected", "rejected", "length"])
 
 
 @pytest.mark.parametrize(
@@ -189,7 +198,7 @@ async def test_an_unknown_model_is_vllms_404(stack: contextlib.AsyncExitStack, g
     # a request that names no model is the served model's
     status, _, raw = await post(sim.url + CHAT, json_body={"messages": HELLO, "max_tokens": 2})
     assert status == 200 and json.loads(raw)["model"] == MODEL
-    assert sim.outcomes() == ["rejected", "rejected", "length"]
+    await settled_engine(sim, ["rejected", "rejected", "length"])
 
 
 # -- streams ----------------------------------------------------------------------------------------------
@@ -245,7 +254,7 @@ async def test_033_keep_alive_comments_while_queued_in_prefill_and_between_token
     # comments in prefill and between tokens too: after the role chunk, before the last token
     first, last = raw.index(b"data: "), raw.rindex(b'"finish_reason":"length"')
     assert b": keep-alive" in raw[first:last]
-    assert sim.outcomes() == ["abort", "length"]
+    await settled_engine(sim, ["abort", "length"])
 
 
 async def test_the_openai_client_reads_a_stream_with_keep_alive_comments(stack: contextlib.AsyncExitStack) -> None:
@@ -280,6 +289,7 @@ async def test_033_a_full_engine_answers_503_busy(stack: contextlib.AsyncExitSta
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert all("engine" not in s.labels for s in families["vllm:admission_rejections"].samples)
     assert sim.outcomes()[-2:] == ["busy", "busy"]
+    assert value(text, "vllm:request_success_total") == 0
 
 
 # -- metrics ----------------------------------------------------------------------------------------------
@@ -363,7 +373,7 @@ async def test_033_finish_reason_fault_error_and_repetition(stack: contextlib.As
     text = await sim_metrics(sim)
     assert value(text, "vllm:request_success_total", finished_reason="repetition") == 1
     assert value(text, "vllm:request_success_total", finished_reason="error") == 2
-    assert sim.outcomes() == ["repetition", "error", "error"]
+    await settled_engine(sim, ["repetition", "error", "error"])
 
 
 async def test_011_has_no_error_or_repetition_finish(stack: contextlib.AsyncExitStack) -> None:
@@ -409,7 +419,7 @@ async def test_api_key_guards_v1_only(stack: contextlib.AsyncExitStack, generati
     assert [m.id for m in (await client.models.list()).data] == [MODEL]
     reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
     assert reply.usage is not None and reply.usage.completion_tokens == 2
-    assert sim.outcomes() == ["length"]  # refused requests never reached the engine
+    await settled_engine(sim, ["length"])  # refused requests never reached the engine
 
 
 # -- options ----------------------------------------------------------------------------------------------

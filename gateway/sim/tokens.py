@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -54,15 +53,13 @@ class PrefixCache:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.blocks: OrderedDict[bytes, None] = OrderedDict()
+        self.blocks: OrderedDict[int, None] = OrderedDict()
 
     def lookup_and_store(self, tokens: Sequence[Any]) -> int:
         """The number of leading tokens already cached; every full block of ``tokens`` is cached afterwards."""
-        digest = hashlib.sha256()
-        cached, hitting = 0, True
+        key, cached, hitting = 0, 0, True
         for start in range(0, len(tokens) - BLOCK_SIZE + 1, BLOCK_SIZE):
-            digest.update(repr(tokens[start : start + BLOCK_SIZE]).encode())
-            key = digest.copy().digest()
+            key = hash((key, *tokens[start : start + BLOCK_SIZE]))
             if hitting and key in self.blocks:
                 cached += BLOCK_SIZE
                 self.blocks.move_to_end(key)
