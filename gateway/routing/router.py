@@ -1,0 +1,266 @@
+"""Routing of one request: the engines it may go to, in order, once one has KV room for it; the waiting for
+room in arrival order; the breakers' and the retry budget's book-keeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from gateway.errors import GatewayError
+from gateway.metrics.engine import EngineCollector
+from gateway.metrics.gateway import GatewayMetrics
+from gateway.protocol import Generation
+from gateway.routing.breaker import STATE_VALUES, Breaker
+from gateway.routing.load import EngineState
+from gateway.routing.policies import LEAST_LOAD, SESSION, bounded, least_load, preference
+from gateway.routing.retries import RetryBudget
+from gateway.settings import Settings, upstream_spec
+from gateway.upstreams import Upstream, UpstreamPool
+
+log = logging.getLogger("gateway.routing")
+
+AFFINITY, FALLBACK, LEAST, RETRY = "affinity", "fallback", "least_load", "retry"
+
+
+class Route:
+    """One request's engines in the order to try, and the engine that holds its tokens now."""
+
+    __slots__ = ("candidates", "cost", "held", "tries")
+
+    def __init__(self, candidates: list[EngineState], cost: int) -> None:
+        self.candidates = [s.upstream for s in candidates]
+        self.cost = cost
+        self.held: EngineState | None = None
+        self.tries = 0
+
+    def hold(self, state: EngineState, now: float) -> None:
+        if self.held is not None:
+            self.held.tokens -= self.cost
+        state.tokens += self.cost
+        state.breaker.claim(now)
+        self.held = state
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    future: asyncio.Future[Route]
+    cost: int
+    states: list[EngineState]
+    key: bytes | None
+
+
+class Router:
+    """Orders the engines for each request by the policy, among those with KV room; holds a request until
+    one has room; keeps each engine's breaker and the pool's retry budget."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: UpstreamPool,
+        engines: EngineCollector,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.engines = engines  # the scrape of each engine's /metrics, shared with the gateway's /metrics page
+        sources = {s.url: s for s in engines.sources}
+        weights = dict(upstream_spec(spec) for spec in settings.upstream)
+        stale = 3 * settings.engine_load_interval + max((s.timeout.total or 0 for s in engines.sources), default=0)
+        self.states = {
+            u: EngineState(
+                u, sources.get(u.url), Breaker(u.name, settings.breaker_failures, settings.breaker_cooldown),
+                weight=weights.get(u.url, 1.0), headroom=settings.kv_headroom, slow_start=settings.slow_start,
+                stale_after=stale,
+            )
+            for u in pool.upstreams
+        }  # fmt: skip
+        self.budget = RetryBudget(settings.retry_budget)
+        self._waiters: deque[_Waiter] = deque()
+        self._decisions: dict[tuple[Upstream, str], object] = {}
+        for state in self.states.values():
+            name = state.upstream.name
+            metrics.breaker_state.labels(name).set_function(lambda s=state: STATE_VALUES[s.breaker.state()])
+            metrics.kv_free.labels(name).set_function(lambda s=state: _finite(s.room(time.monotonic())))
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    # -- the load view ------------------------------------------------------------------------------------
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Refresh every engine's load from its /metrics (the fetch that serves the gateway's /metrics) every
+        --engine-load-interval seconds; room freed since lets waiting requests in."""
+        while True:
+            try:
+                await self.engines.refresh(session)
+                now = time.monotonic()
+                for state in self.states.values():
+                    state.update(now)
+                self._wake()
+            except Exception:  # a bug here must not freeze every engine's load for good
+                log.exception("engine load refresh failed")
+            await asyncio.sleep(self.settings.engine_load_interval)
+
+    def key(self, headers: CIMultiDictProxy[str], gen: Generation | None) -> bytes | None:
+        """The key a request is hashed by: its session (--session-header, else ``user``) or its prefix."""
+        policy = self.settings.routing
+        if policy == LEAST_LOAD or gen is None:
+            return None
+        if policy == SESSION:
+            header = headers.get(self.settings.session_header)
+            return header.encode("utf-8", "surrogateescape") if header else gen.session
+        return gen.prefix
+
+    # -- choosing ---------------------------------------------------------------------------------------
+
+    def _serving(self, model: str) -> list[EngineState]:
+        return [self.states[u] for u in self.pool.candidates(model)]
+
+    def plain(self, model: str) -> Route:
+        """A request outside admission (model lists, tokenize): usable engines by score, then the others."""
+        now = time.monotonic()
+        states = self._serving(model)
+        usable = [s for s in states if s.usable(now)]
+        route = Route([*least_load(usable, now), *(s for s in states if s not in usable)], 0)
+        return route
+
+    async def admit(self, cost: int, model: str, key: bytes | None, timeout: float) -> Route:  # noqa: ASYNC109
+        """The request's route once an engine has KV room for ``cost`` tokens; waits for room behind the
+        requests that came before it.  Raises GatewayError when no engine could ever hold it, or on timeout."""
+        self.budget.request()
+        states = self._serving(model)
+        now = time.monotonic()
+        self._refuse_oversized(cost, states, now)
+        if not self._waiters:
+            route = self._choose(cost, states, key, now)
+            if route is not None:
+                return route
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, states, key)
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter.future
+        except BaseException as exc:
+            future = waiter.future
+            if future.done() and not future.cancelled():
+                self.release(future.result())  # granted as we gave up: the room goes to the next
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                self._wake()
+            if isinstance(exc, TimeoutError):
+                raise GatewayError(
+                    "queue_timeout",
+                    f"No engine had KV cache room for this request's {cost} tokens within {timeout:g} s. Retry later.",
+                    retry_after=1,
+                ) from None
+            raise
+
+    def _refuse_oversized(self, cost: int, states: Sequence[EngineState], now: float) -> None:
+        capacities = [s.capacity(now) for s in states]
+        if capacities and all(capacities) and cost > max(capacities):
+            raise GatewayError(
+                "kv_capacity",
+                f"This request needs about {cost} tokens (prompt + max_tokens), more than any engine's KV cache "
+                f"holds ({max(capacities)} tokens with the headroom). Reduce the prompt or max_tokens.",
+            )
+
+    def _choose(self, cost: int, states: list[EngineState], key: bytes | None, now: float) -> Route | None:
+        """The route over the engines with room, or None while every usable engine is full.  With no usable
+        engine at all, every engine is tried: the connection errors then say why."""
+        usable = [s for s in states if s.usable(now)]
+        fits = [s for s in usable if s.room(now) >= cost]
+        if usable and not fits:
+            return None
+        rest = [s for s in states if s not in usable and s.room(now) >= cost]  # last resorts: down or open
+        policy = self.settings.routing
+        if key is None or policy == LEAST_LOAD:
+            order, reason = least_load(fits, now), LEAST
+        else:
+            order = bounded(key, fits, now)
+            home = preference(key, states)[0]
+            reason = AFFINITY if order and order[0] is home else FALLBACK
+            if reason == FALLBACK:
+                self.metrics.affinity_moves.inc()
+        route = Route([*order, *least_load(rest, now)], cost)
+        if route.candidates:
+            first = order[0] if order else rest[0]
+            route.hold(first, now)
+            self._decided(first.upstream, reason)
+        return route
+
+    def _decided(self, upstream: Upstream, reason: str) -> None:
+        key = (upstream, reason)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.metrics.routing_decisions.labels(
+                upstream.name, self.settings.routing, reason
+            )
+        child.inc()  # type: ignore[attr-defined]
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        now = time.monotonic()
+        while waiters:
+            head = waiters[0]
+            if head.future.done():  # cancelled; its task has not cleaned up yet
+                waiters.popleft()
+                continue
+            route = self._choose(head.cost, head.states, head.key, now)
+            if route is None:
+                return
+            waiters.popleft()
+            head.future.set_result(route)
+
+    # -- what happened ----------------------------------------------------------------------------------
+
+    def retry(self, route: Route, left: Upstream, to: Upstream, reason: str) -> bool:
+        """Whether the request may move from ``left`` to ``to`` (nothing was sent, or the engine refused it
+        as busy): within --retries and the retry budget.  Counted in gateway_retries_total."""
+        if route.tries >= self.settings.retries or not self.budget.allow():
+            return False
+        route.tries += 1
+        self.metrics.child(self.metrics.retries, left.name, reason).inc()
+        state = self.states[to]
+        if route.cost:
+            route.hold(state, time.monotonic())
+            self._decided(to, RETRY)
+        return True
+
+    def answered(self, upstream: Upstream, status: int) -> None:
+        """The engine's answer's head: a 5xx other than 503 (busy, its own queue full) counts as a failure."""
+        breaker = self.states[upstream].breaker
+        if status >= 500 and status != 503:
+            breaker.failure(f"HTTP {status}")
+        else:
+            breaker.success()
+
+    def failed(self, upstream: Upstream, reason: str) -> None:
+        """No answer from the engine: refused, reset or timed out before its head."""
+        self.states[upstream].breaker.failure(reason)
+
+    def release(self, route: Route) -> None:
+        """The request finished: its tokens leave the engine that held them; waiting requests may fit now."""
+        if route.held is not None:
+            route.held.tokens -= route.cost
+            route.held = None
+            if self._waiters:
+                self._wake()
+
+    def public(self, upstream: Upstream) -> dict[str, object]:
+        return self.states[upstream].public(time.monotonic())
+
+
+def _finite(room: float) -> float:
+    return room if not math.isinf(room) else math.nan

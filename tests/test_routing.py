@@ -1,0 +1,299 @@
+"""Several engines behind one gateway: KV-aware admission, the policies, the breakers, engines lost under load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import openai
+import pytest
+
+from gateway.routing.breaker import CLOSED, HALF_OPEN, OPEN
+from gateway.settings import Settings
+from tests.harness import (
+    MODEL,
+    Gw,
+    Sim,
+    cancel,
+    client_in,
+    error_body,
+    fetch,
+    free_port,
+    gateway_in,
+    post,
+    settled,
+    sim_in,
+    value,
+    wait_for,
+)
+
+# engine loads read often, and the /metrics fetch they share never cached longer than that
+LOADS = {"engine_load_interval": 0.05, "engine_metrics_max_age": 0.0}
+
+
+def home(sims: list[Sim], request_id: str) -> int:
+    """The index of the one engine that got a request."""
+    found = [i for i, sim in enumerate(sims) if any(e["request_id"] == request_id for e in sim.journal)]
+    assert len(found) == 1, (request_id, found)
+    return found[0]
+
+
+def known(gw: Gw) -> bool:
+    """Every engine's load comes from its own /metrics, KV capacity included."""
+    now = time.monotonic()
+    return all(s.capacity(now) for s in gw.gateway.router.states.values())
+
+
+async def test_long_request_goes_where_kv_room_is_and_waits_when_none_has_it(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    sims = [
+        await sim_in(stack, kv_cache_tokens=1600, itl=0.001),
+        await sim_in(stack, kv_cache_tokens=3200, itl=0.002, max_num_seqs=8),
+        await sim_in(stack, kv_cache_tokens=16000, itl=0.004, ttft=0.02),
+    ]
+    gw = await gateway_in(stack, [s.url for s in sims], **LOADS)
+    await wait_for(lambda: known(gw), "every engine's KV capacity")
+    client = await client_in(stack, gw)
+    router = gw.gateway.router
+    long_prompt = list(range(10000))  # token ids: the gateway counts them exactly; 10010 tokens with max_tokens
+
+    async def complete(request_id: str, prompt: list[int]) -> Any:
+        return await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=10, extra_headers={"X-Request-Id": request_id}
+        )
+
+    await sims[2].faults(latency=3600)  # the first long request stays at the engine until cancelled
+    first = asyncio.create_task(complete("long-1", long_prompt))
+    await wait_for(lambda: sims[2].journal, "the first long request at the large engine")
+    assert home(sims, "long-1") == 2  # the only engine with room for 10010 tokens (16000 x 0.9)
+
+    second = asyncio.create_task(complete("long-2", long_prompt))
+    await wait_for(lambda: router.waiting == 1, "the second long request to wait for room")
+    assert [len(s.journal) for s in sims] == [0, 0, 1]  # not sent to an engine without room
+
+    await sims[2].faults(latency=0)
+    await cancel(first)  # its tokens leave the large engine: the waiting request goes there
+    answer = await second
+    assert answer.usage.prompt_tokens == 10000
+    assert home(sims, "long-2") == 2
+
+    status, _, body = await post(
+        gw.url + "/v1/completions", json_body={"model": MODEL, "prompt": list(range(20000)), "max_tokens": 1}
+    )  # more than any engine holds: refused at once
+    assert status == 400
+    error_body(json.loads(body), code="kv_capacity", type="invalid_request_error")
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total", error_type="kv_capacity") == 1
+    assert value(text, "gateway_routing_decisions_total", upstream=sims[2].url, reason="least_load") >= 2
+    await settled(gw, *sims)
+    await wait_for(lambda: router.states[gw.gateway.pool.upstreams[2]].room(time.monotonic()) == 14400, "room")
+    assert value(await gw.metrics(), "gateway_upstream_kv_free_tokens", upstream=sims[2].url) == 14400
+
+
+async def kill(sim: Sim) -> None:
+    """The engine goes away: its port refuses connections from now on."""
+    await sim.close()
+
+
+async def chat(client: openai.AsyncOpenAI, request_id: str, messages: list[dict[str, str]], **headers: str) -> str:
+    answer = await client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, extra_headers={"X-Request-Id": request_id, **headers}
+    )
+    return answer.choices[0].message.content or ""
+
+
+async def test_session_stays_on_one_engine_and_moves_only_when_it_dies(stack: contextlib.AsyncExitStack) -> None:
+    sims = [await sim_in(stack, kv_cache_tokens=n) for n in (40000, 80000, 160000)]
+    urls = [s.url for s in sims]
+    gws = [
+        await gateway_in(stack, urls, routing="session", **LOADS),
+        await gateway_in(stack, urls[::-1], routing="session", **LOADS),  # another replica, its list reversed
+    ]
+    clients = [await client_in(stack, gw) for gw in gws]
+    homes: dict[str, set[int]] = {}
+    for session in ("alice", "bob", "carol", "dave", "erin", "frank"):
+        messages = [{"role": "user", "content": f"hello from {session}"}]
+        for turn in range(4):
+            gw_index = turn % 2  # the turns alternate between the two gateways
+            rid = f"{session}-{turn}"
+            reply = await chat(clients[gw_index], rid, messages, **{"x-session-id": session})
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"turn {turn}"}]
+            homes.setdefault(session, set()).add(home(sims, rid))
+    assert all(len(engines) == 1 for engines in homes.values()), homes  # every turn, on both gateways
+    assert len({next(iter(e)) for e in homes.values()}) > 1  # sessions spread over the engines
+    for gw in gws:
+        text = await gw.metrics()
+        assert value(text, "gateway_affinity_moves_total") == 0
+        assert value(text, "gateway_routing_decisions_total", policy="session", reason="affinity") == 12
+
+    victim = next(iter(homes["alice"]))
+    await kill(sims[victim])
+    moved = set()
+    for turn in range(4, 8):
+        rid = f"alice-{turn}"
+        await chat(
+            clients[turn % 2], rid, [{"role": "user", "content": "hello from alice"}], **{"x-session-id": "alice"}
+        )
+        moved.add(home(sims, rid))
+    assert len(moved) == 1 and victim not in moved  # one new engine, the same on both gateways
+    for gw in gws:
+        assert value(await gw.metrics(), "gateway_affinity_moves_total") >= 1
+    # the OpenAI `user` field names a session when the header does not
+    for turn in range(3):
+        await clients[turn % 2].chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1, user="grace",
+            extra_headers={"X-Request-Id": f"grace-{turn}"},
+        )  # fmt: skip
+    assert len({home(sims, f"grace-{turn}") for turn in range(3)}) == 1
+    alive = [s for i, s in enumerate(sims) if i != victim]
+    for gw in gws:
+        await settled(gw, *alive)
+
+
+async def test_prefix_keeps_a_shared_document_on_one_engine(stack: contextlib.AsyncExitStack) -> None:
+    sims = [await sim_in(stack) for _ in range(3)]
+    gw = await gateway_in(stack, [s.url for s in sims], routing="prefix", **LOADS)
+    client = await client_in(stack, gw)
+    document = "A long shared document. " * 2000
+    for i in range(8):
+        messages = [
+            {"role": "system", "content": document},
+            {"role": "user", "content": f"question {i} about it, and a different one each time"},
+        ]
+        await chat(client, f"doc-{i}", messages)
+    assert len({home(sims, f"doc-{i}") for i in range(8)}) == 1
+    for i in range(12):  # other documents, each its own prefix: spread over the engines
+        await chat(client, f"other-{i}", [{"role": "user", "content": f"document number {i} " * 100}])
+    assert len({home(sims, f"other-{i}") for i in range(12)}) > 1
+    text = await gw.metrics()
+    assert value(text, "gateway_routing_decisions_total", policy="prefix", reason="affinity") == 20
+    await settled(gw, *sims)
+
+
+async def test_breaker_opens_after_failures_half_opens_and_closes_on_success(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    sims = [await sim_in(stack), await sim_in(stack)]
+    gw = await gateway_in(
+        stack, [s.url for s in sims], breaker_failures=3, breaker_cooldown=3.0, slow_start=0.0, **LOADS
+    )
+    await wait_for(lambda: all(u.up for u in gw.gateway.pool.upstreams), "both engines up")
+    client = await client_in(stack, gw)
+    failing = sims[0]
+    breaker = gw.gateway.router.states[gw.gateway.pool.upstreams[0]].breaker
+
+    async def state() -> float:
+        return value(await gw.metrics(), "gateway_upstream_breaker_state", upstream=failing.url)
+
+    await failing.faults(error_rate=1, error_status=500)
+    for i in range(3):  # both idle: the first engine of the list is chosen, and fails
+        with pytest.raises(openai.InternalServerError):
+            await chat(client, f"fail-{i}", [{"role": "user", "content": "hi"}])
+        assert home(sims, f"fail-{i}") == 0
+    assert breaker.state() == OPEN
+    assert await state() == 2
+    await chat(client, "while-open", [{"role": "user", "content": "hi"}])
+    assert home(sims, "while-open") == 1  # the open engine gets nothing
+    await wait_for(lambda: breaker.state() == HALF_OPEN, "the cool-down", timeout=30)
+    assert await state() == 1
+    await failing.faults(error_rate=0)
+    await chat(client, "probe", [{"role": "user", "content": "hi"}])
+    assert home(sims, "probe") == 0  # the probe
+    assert breaker.state() == CLOSED
+    assert await state() == 0
+    _, _, body = await fetch("GET", gw.url + "/status")
+    routing = json.loads(body)["upstreams"][0]["routing"]
+    assert routing["breaker"] == CLOSED and routing["load_source"] == "engine"
+    await settled(gw, *sims)
+
+
+async def test_engine_killed_under_load_fails_no_request_that_had_no_byte(stack: contextlib.AsyncExitStack) -> None:
+    sims = [
+        await sim_in(stack, itl=0.01),
+        await sim_in(stack, itl=0.02, kv_cache_tokens=300000),
+        await sim_in(stack, itl=0.03, max_num_seqs=4),
+    ]
+    gw = await gateway_in(stack, [s.url for s in sims], max_concurrency=6, **LOADS)
+    await wait_for(lambda: all(u.up for u in gw.gateway.pool.upstreams), "every engine up")
+    client = await client_in(stack, gw)
+    proxy, victim = gw.gateway.proxy, gw.gateway.pool.upstreams[1]
+    got_byte: dict[str, bool] = {}
+
+    async def stream(request_id: str) -> str:
+        got_byte[request_id] = False
+        try:
+            chunks = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "tell me"}], max_tokens=20, stream=True,
+                extra_headers={"X-Request-Id": request_id},
+            )  # fmt: skip
+            async for _ in chunks:
+                got_byte[request_id] = True
+        except openai.APIError:
+            return "failed"
+        return "ok"
+
+    ids = [f"load-{i}" for i in range(30)]
+    tasks = [asyncio.create_task(stream(rid)) for rid in ids]
+
+    def mid_stream() -> bool:
+        """Requests wait in the queue; the victim streams; no request waits for an engine's first byte."""
+        forwarded = list(proxy.forwarded)
+        return (
+            gw.gateway.admission.queue_depth > 0
+            and any(ex.upstream == victim.name and ex.phase == "decode" for ex in forwarded)
+            and all(ex.phase == "decode" for ex in forwarded)
+        )
+
+    await wait_for(mid_stream, "the victim to stream while others queue")
+    streaming = {ex.request_id for ex in proxy.forwarded if ex.upstream == victim.name}
+    sims[1].engine._refuse(3600)  # the engine dies: its streams are cut, its port refuses from now on
+    outcomes = dict(zip(ids, await asyncio.gather(*tasks), strict=True))
+    for rid, outcome in outcomes.items():
+        if rid not in streaming:
+            assert outcome == "ok", (rid, outcome)  # queued, or on the engines that stayed: answered
+        elif outcome == "failed":
+            assert got_byte[rid], rid  # only a stream already under way to the dead engine is cut
+    assert any(outcomes[rid] == "failed" for rid in streaming)
+    assert not gw.gateway.pool.upstreams[1].up
+    await settled(gw, sims[0], sims[2])
+
+
+async def test_retry_budget_stops_a_storm_when_every_engine_is_gone(stack: contextlib.AsyncExitStack) -> None:
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]  # nothing listens there
+    gw = await gateway_in(stack, urls, wait_ready=False, **LOADS)
+    client = await client_in(stack, gw)
+    requests = 20
+    for i in range(requests):
+        with pytest.raises(openai.APIStatusError) as caught:
+            await chat(client, f"storm-{i}", [{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502
+        error_body(caught.value.response.json(), code="upstream_unavailable", type="server_error")
+    text = await gw.metrics()
+    retries = value(text, "gateway_retries_total")
+    # without the budget every request would try all three engines: 2 retries each
+    assert 3 <= retries <= max(3, 0.2 * requests) < 2 * requests
+    assert value(text, "gateway_request_errors_total", error_type="upstream_unavailable") == requests
+    gw.assert_idle()
+
+
+async def test_weights_give_an_engine_its_share(stack: contextlib.AsyncExitStack) -> None:
+    sims = [await sim_in(stack, itl=0.05), await sim_in(stack, itl=0.05)]
+    gw = await gateway_in(stack, [f"{sims[0].url};weight=3", sims[1].url], **LOADS)
+    await wait_for(lambda: all(u.up for u in gw.gateway.pool.upstreams), "both engines up")
+    assert [u.url for u in gw.gateway.pool.upstreams] == [s.url for s in sims]
+    client = await client_in(stack, gw)
+    ids = [f"w-{i}" for i in range(16)]
+    await asyncio.gather(*(chat(client, rid, [{"role": "user", "content": "hi"}]) for rid in ids))
+    counts = [sum(home(sims, rid) == i for rid in ids) for i in range(2)]
+    assert counts[0] > 2 * counts[1] > 0, counts  # held at once: about three to one
+    await settled(gw, *sims)
+
+
+@pytest.mark.parametrize("spec", ["http://e:8000;weight=0", "http://e:8000;weight=x", "http://e:8000;colour=red"])
+def test_a_bad_upstream_weight_is_refused_at_start(spec: str) -> None:
+    with pytest.raises(ValueError, match="--upstream must be"):
+        Settings(upstream=[spec])
