@@ -1,4 +1,5 @@
-"""Admission control: a concurrency cap and a token budget, with a bounded FIFO queue and a timeout."""
+"""Admission control: a concurrency cap and a token budget, with a bounded FIFO queue (a fair one across keys,
+see fair.py) and a timeout."""
 
 from __future__ import annotations
 
@@ -7,34 +8,33 @@ import contextlib
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from gateway.errors import GatewayError
+from gateway.fair import FairQueue, Tenant, Waiter
 
 _RATE_WINDOW = 64  # slot releases remembered to measure how fast slots free up
-
-
-@dataclass(slots=True)
-class _Waiter:
-    future: asyncio.Future[None]
-    cost: int
 
 
 class Admission:
     """Grants slots in arrival order; a request waits while the slots or the token budget are taken.
 
     Strict FIFO: a large request at the head of the queue is not overtaken by small ones, so a
-    1M-token prompt is not starved by a stream of short chats.
+    1M-token prompt is not starved by a stream of short chats.  With ``fair`` (API keys configured) the
+    queue is a FairQueue: FIFO within a key, a weighted fair share across keys, per-key concurrency caps.
     """
 
-    def __init__(self, max_concurrency: int, max_queue: int, queue_timeout: float, max_tokens: int) -> None:
+    def __init__(
+        self, max_concurrency: int, max_queue: int, queue_timeout: float, max_tokens: int, *, fair: bool = False
+    ) -> None:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.max_tokens = max_tokens  # 0 = no token budget
         self.in_flight = 0
         self.tokens_in_flight = 0
-        self._waiters: deque[_Waiter] = deque()
+        self.granted = 0  # slots ever granted: how far a waiter has moved up (see position)
+        self.fair = FairQueue() if fair else None
+        self._waiters: deque[Waiter] | FairQueue = self.fair if self.fair is not None else deque()
         self._releases: deque[float] = deque(maxlen=_RATE_WINDOW)
 
     @property
@@ -46,13 +46,25 @@ class Admission:
             return False
         return not self.max_tokens or self.tokens_in_flight + cost <= self.max_tokens
 
-    def _take(self, cost: int) -> None:
+    def _take(self, cost: int, tenant: Tenant | None) -> None:
+        self.granted += 1
         self.in_flight += 1
         self.tokens_in_flight += cost
+        if tenant is not None:
+            tenant.in_flight += 1
+            tenant.tokens_in_flight += cost
 
     def retry_after(self) -> float:
         """Seconds until a new request would likely get a slot: backlog over the measured release rate."""
-        backlog = len(self._waiters) + 1
+        return self.eta(len(self._waiters) + 1)
+
+    def position(self, ahead: int, granted: int) -> int:
+        """The queue position now of a request that had ``ahead`` waiters before it when ``granted`` slots
+        had been granted: exact in FIFO order, an upper bound when waiters ahead of it gave up."""
+        return max(1, ahead + 1 - (self.granted - granted))
+
+    def eta(self, backlog: int) -> float:
+        """Seconds until ``backlog`` more slots free up, at the measured release rate."""
         if len(self._releases) >= 2:
             span = time.monotonic() - self._releases[0]
             if span > 0:
@@ -60,16 +72,18 @@ class Admission:
         # nothing measured yet: every slot is held by a request that has not finished
         return self.queue_timeout
 
-    async def acquire(self, cost: int) -> float:
-        """Wait for a slot; returns the seconds waited.  Raises GatewayError when refused."""
+    async def acquire(self, cost: int, key: str = "") -> float:
+        """Wait for a slot; returns the seconds waited.  Raises GatewayError when refused.  ``key`` (the API
+        key's name) counts only with a fair queue."""
         if self.max_tokens and cost > self.max_tokens:
             raise GatewayError(
                 "tokens_budget",
                 f"This request needs about {cost} tokens (prompt + max_tokens), more than the gateway's "
                 f"whole budget of {self.max_tokens} tokens in flight. Reduce the prompt or max_tokens.",
             )
-        if not self._waiters and self._fits(cost):
-            self._take(cost)
+        tenant = self.fair.tenant(key) if self.fair is not None else None
+        if not self._waiters and self._fits(cost) and (tenant is None or not tenant.capped):
+            self._take(cost, tenant)
             return 0.0
         if len(self._waiters) >= self.max_queue:
             raise GatewayError(
@@ -78,14 +92,16 @@ class Admission:
                 retry_after=self.retry_after(),
             )
         start = time.monotonic()
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), cost)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), cost, tenant)
         self._waiters.append(waiter)
+        if tenant is not None:
+            self._wake()  # other keys' waiters may be held by their own caps only: this one may go now
         try:
             async with asyncio.timeout(self.queue_timeout):
                 await waiter.future
         except BaseException as exc:
             if waiter.future.done() and not waiter.future.cancelled():
-                self._give_back(cost)  # granted at the moment we gave up: hand the slot on
+                self._give_back(cost, tenant)  # granted at the moment we gave up: hand the slot on
             else:
                 # _wake may have dropped it already: cancelling the task cancels the future at once,
                 # and a release can run before this task does
@@ -101,18 +117,27 @@ class Admission:
             raise
         return time.monotonic() - start
 
-    def release(self, cost: int) -> None:
+    def release(self, cost: int, key: str = "") -> None:
         """A forwarded request finished: its slot and tokens go to the next waiters."""
         self._releases.append(time.monotonic())  # measures the rate behind Retry-After
-        self._give_back(cost)
+        self._give_back(cost, self.fair.tenant(key) if self.fair is not None else None)
 
-    def _give_back(self, cost: int) -> None:
+    def _give_back(self, cost: int, tenant: Tenant | None) -> None:
         self.in_flight -= 1
         self.tokens_in_flight -= cost
+        if tenant is not None:
+            tenant.in_flight -= 1
+            tenant.tokens_in_flight -= cost
         self._wake()
 
     def _wake(self) -> None:
+        if self.fair is not None:
+            while (chosen := self.fair.next(self._fits)) is not None:
+                self._take(chosen.cost, chosen.tenant)
+                chosen.future.set_result(None)
+            return
         waiters = self._waiters
+        assert isinstance(waiters, deque)
         while waiters:
             head = waiters[0]
             if head.future.done():  # cancelled; its task has not run its clean-up yet
@@ -121,7 +146,7 @@ class Admission:
             if not self._fits(head.cost):
                 return
             waiters.popleft()
-            self._take(head.cost)
+            self._take(head.cost, None)
             head.future.set_result(None)
 
     def stats(self) -> dict[str, int | float]:
@@ -133,4 +158,12 @@ class Admission:
             "tokens_in_flight": self.tokens_in_flight,
             "max_tokens_in_flight": self.max_tokens,
             "retry_after_s": math.ceil(self.retry_after()),
+            **({"keys": self.tenant_stats()} if self.fair is not None else {}),
+        }
+
+    def tenant_stats(self) -> dict[str, dict[str, int]]:
+        assert self.fair is not None
+        return {
+            t.name: {"in_flight": t.in_flight, "queue_depth": len(t.waiters), "tokens_in_flight": t.tokens_in_flight}
+            for t in self.fair.tenants.values()
         }

@@ -22,12 +22,14 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway import health
+from gateway.access.guard import Access
 from gateway.admission import Admission
 from gateway.metrics.engine import EngineCollector, EngineSource
 from gateway.metrics.gateway import GatewayMetrics
 from gateway.metrics.gpu import GpuCollector
 from gateway.metrics.host import HostCollector
 from gateway.proxy import ENDPOINTS, Proxy
+from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.upstreams import UpstreamPool, client_session
 
@@ -50,13 +52,19 @@ class Gateway:
             settings.max_queue,
             settings.queue_timeout,
             settings.max_tokens_in_flight,
+            fair=bool(settings.api_key or settings.keys_file),
         )
         self.pool = UpstreamPool(settings.upstream, settings.health_fail_threshold, settings.health_success_threshold)
-        self.proxy = Proxy(settings, self.admission, self.pool, self.metrics)
         self.engines = EngineCollector(
             EngineSource(u.url, settings.engine_metrics_timeout, settings.engine_metrics_max_age)
             for u in self.pool.upstreams
         )
+        self.router = Router(settings, self.pool, self.engines, self.metrics)
+        self.proxy = Proxy(settings, self.admission, self.pool, self.router, self.metrics)
+        self.access = Access.from_settings(settings, self.admission, self.metrics)
+        if self.access is not None:
+            self.proxy.access = self.access
+            self.proxy.on_finish.append(self.access.finish)
         self.gpu = GpuCollector()
         self.host = HostCollector()
         for collector in (self.gpu, self.host):
@@ -80,6 +88,9 @@ class Gateway:
             (m.concurrency_limit, lambda: a.max_concurrency),
             (m.tokens_limit, lambda: a.max_tokens),
             (m.draining, lambda: self.proxy.draining),
+            (m.read_timeout, lambda: self.settings.upstream_read_timeout),
+            (m.oldest_age.labels("queued"), lambda: self.proxy.oldest_age("queued")),
+            (m.oldest_age.labels("forwarded"), lambda: self.proxy.oldest_age("forwarded")),
         ]
         for upstream in self.pool.upstreams:
             readings.append((m.upstream_up.labels(upstream.url), lambda u=upstream: u.up))
@@ -90,11 +101,15 @@ class Gateway:
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the clients and the health checks live as long as the app."""
         self._session = client_session(self.settings)
-        checks = asyncio.create_task(self.health.run(), name="health-checks")
+        tasks = (
+            asyncio.create_task(self.health.run(), name="health-checks"),
+            asyncio.create_task(self.router.run(self._session), name="engine-load"),
+        )
         yield
-        checks.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await checks
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._session.close()
         self.proxy.client.close()
         self.gpu.close()
@@ -111,13 +126,39 @@ class Gateway:
         app[GATEWAY] = self
         app.cleanup_ctx.append(self.lifecycle)
         handle = self.proxy.handle
-        app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_routes(health.handlers(self))
+        probes, admin = self._routes()
+        app.router.add_routes(probes)
+        if self.settings.metrics_port:
+            app.cleanup_ctx.append(lambda _: self._admin_listener(admin))
+        else:
+            app.router.add_routes(admin)
+        if self.access is not None:
+            app.cleanup_ctx.append(self.access.lifecycle)
+            app.on_response_prepare.append(self.access.add_headers)
         for path in ENDPOINTS:  # the OpenAI routes, and vLLM's own outside /v1: found by one dict lookup
             app.router.add_route("*", path, handle)
         app.router.add_route("*", "/v1/{tail:.*}", handle)  # any other /v1 route the engine may have
         app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
         return app
+
+    def _routes(self) -> tuple[list[web.RouteDef], list[web.RouteDef]]:
+        """The open probes, and /metrics and /status: for admin keys only when keys are configured."""
+        routes = [*health.handlers(self), web.get("/metrics", self.metrics_page)]
+        probes = [r for r in routes if r.path.startswith("/health")]
+        admin = [r for r in routes if not r.path.startswith("/health")]
+        if self.access is not None and not self.settings.metrics_port:
+            admin = [web.RouteDef(r.method, r.path, self.access.admin_only(r.handler), r.kwargs) for r in admin]
+        return probes, admin
+
+    async def _admin_listener(self, routes: list[web.RouteDef]) -> AsyncIterator[None]:
+        """--metrics-port: /metrics and /status on their own listener, which operators keep in the cluster."""
+        app = web.Application()
+        app.router.add_routes(routes)
+        runner = make_runner(app)
+        await runner.setup()
+        await web.TCPSite(runner, self.settings.metrics_host, self.settings.metrics_port).start()
+        yield
+        await runner.cleanup()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

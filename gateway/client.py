@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import ssl
 import time
 from collections import deque
@@ -27,14 +28,23 @@ KEEPALIVE_TIMEOUT = 4.0
 _HIGH_WATER = 1 << 18  # body bytes buffered from the engine before reading from it pauses
 _ONE_WRITE_MAX = 1 << 16  # head and body concatenated into one send below this body size
 _BODY_SLICE = 1 << 18  # a large body is written a slice at a time, as the engine reads it: never copied whole
-# A reused connection lost this soon after the request went out, before a byte of the answer, is the
-# race with the engine's idle close: the engine never read the request, and it is sent again.  Lost
-# later, the engine may have acted on it (a generation runs silently for minutes): that is an error.
+# A reused connection lost this soon after the request went out, before a byte of the answer, is most
+# likely the race with the engine's idle close.  Only an idempotent request is sent again then: a POST
+# (a generation) may have reached the engine, and is never sent twice.
 STALE_WINDOW = 0.5
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))  # RFC 9110 §9.2.2
 
 
 class EngineUnreachable(Exception):
     """No connection could be opened: nothing was sent, another engine may take the request."""
+
+
+class GatewayExhausted(Exception):
+    """The gateway itself is out of file descriptors or memory: no fault of the engine's, whose health stays."""
+
+
+# connect() failures that are this process's or this host's, not the engine's
+_LOCAL_EXHAUSTION = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 
 
 class EngineError(Exception):
@@ -362,15 +372,18 @@ class EngineConnection(asyncio.Protocol):
 class EngineClient:
     """Sends requests to engines over pooled keep-alive connections."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float, api_key: str = "") -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.authorization = f"Bearer {api_key}" if api_key else None  # the engines' key (vLLM's --api-key)
         self._origins: dict[str, Origin] = {}
 
     def origin(self, base_url: str) -> Origin:
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = Origin(base_url)
+            if origin.authorization is None:
+                origin.authorization = self.authorization
         return origin
 
     async def request(
@@ -397,10 +410,12 @@ class EngineClient:
         head_only = method == "HEAD"
         conn = origin.take()
         if conn is not None:
+            if method not in IDEMPOTENT:
+                return await self._exchange(conn, head, body, head_only)
             try:
                 return await self._exchange(conn, head, body, head_only)
             except _Stale:
-                pass  # the engine never read it: once more, on a fresh connection
+                pass  # most likely never read, and safe to repeat: once more, on a fresh connection
         return await self._exchange(await self._connect(origin), head, body, head_only)
 
     async def _exchange(
@@ -427,7 +442,11 @@ class EngineClient:
                 )
         except TimeoutError:
             raise EngineUnreachable(f"connecting timed out after {self.connect_timeout:g} s") from None
+        except MemoryError:
+            raise GatewayExhausted("out of memory") from None
         except OSError as exc:
+            if exc.errno in _LOCAL_EXHAUSTION:
+                raise GatewayExhausted(exc.strerror or str(exc)) from None
             raise EngineUnreachable(f"{exc.__class__.__name__}: {exc}") from None
         return conn
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway import tokens
 from gateway.errors import GatewayError
+from gateway.routing.keys import prefix_key, user_key
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -29,8 +30,17 @@ class Generation:
     model: str
     stream: bool
     prompt_tokens: int  # estimated
-    max_tokens: int | None
+    max_tokens: int | None  # as requested, in the engine's precedence (chat: max_completion_tokens first)
     strip_usage: bool  # the gateway asked for the usage chunk; the client did not
+    session: bytes | None = None  # the OpenAI ``user`` field: session routing's key without a session header
+    prefix: bytes | None = None  # a digest of the leading content: prefix routing's key
+
+    def output_budget(self, context_window: int) -> int:
+        """The output tokens to charge: max_tokens clamped to what fits, as vLLM 0.33 clamps it; without
+        max_tokens the engine may fill the window, but only the prompt is charged (see the README)."""
+        if self.max_tokens is None:
+            return 0
+        return max(0, min(self.max_tokens, context_window - self.prompt_tokens))
 
 
 _SLICE = 1 << 18
@@ -81,23 +91,24 @@ def parse_generation(path: str, raw: bytes | bytearray, *, glm_stops: Callable[[
     try:
         obj = json.loads(_decode(raw))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise _invalid(f"request body is not valid JSON: {exc}", None) from None
+        raise _invalid(f"The request body is not valid JSON: {exc}.", None) from None
+    except RecursionError:  # the C decoder's depth guard: nesting deeper than any OpenAI body has
+        raise _invalid("The request body is nested too deeply.", None) from None
     if not isinstance(obj, dict):
         raise _invalid("request body must be a JSON object", None)
 
     model = _check(obj, "model", str, "a string") or ""
     stream = _check(obj, "stream", (bool, type(None)), "a boolean") or False
-    max_tokens = _check(obj, "max_tokens", _OPTIONAL_INT, "an integer")
-    if max_tokens is None:
-        max_tokens = _check(obj, "max_completion_tokens", _OPTIONAL_INT, "an integer")
+    limit_field, max_tokens = _max_tokens(path, obj)
     if max_tokens is not None and max_tokens < 1:
-        raise _invalid(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+        raise _invalid(f"{limit_field} must be at least 1, got {max_tokens}.", limit_field)
     stop_ids = _check(obj, "stop_token_ids", (list, type(None)), "a list of integers")
     if stop_ids and not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
         raise _invalid("'stop_token_ids' must be a list of integers", "stop_token_ids")
     stream_options = _check(obj, "stream_options", (dict, type(None)), "an object")
 
     estimate = _estimate_prompt(path, obj)
+    session, prefix = user_key(obj.get("user")), prefix_key(obj)
 
     added: dict[str, Any] = {}
     if stop_ids is None and glm_stops is not None and glm_stops(model):
@@ -110,7 +121,7 @@ def parse_generation(path: str, raw: bytes | bytearray, *, glm_stops: Callable[[
         # the client sent the key (as null, or stream_options with other options): a field spliced in
         # front would lose to the client's later one, so re-serialise, the rare case
         obj.update(added)
-        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        body = _serialise(obj)
     else:
         del obj  # the parsed prompt is as large as the body: let it go before copying the body
         if added:
@@ -119,7 +130,29 @@ def parse_generation(path: str, raw: bytes | bytearray, *, glm_stops: Callable[[
             if fields is None:
                 fields = _SPLICED[tuple(added)] = json.dumps(added, separators=(",", ":"))[1:-1].encode()
             body = b"".join((b"{", fields, b",", memoryview(raw)[start:]))
-    return Generation(body, model, bool(stream), estimate, max_tokens, strip_usage)
+    return Generation(body, model, bool(stream), estimate, max_tokens, strip_usage, session, prefix)
+
+
+def _max_tokens(path: str, obj: dict[str, Any]) -> tuple[str, int | None]:
+    """The output limit and the field it came from, in vLLM's precedence: its chat path reads
+    max_completion_tokens before the deprecated max_tokens; completions know only max_tokens."""
+    names = ("max_completion_tokens", "max_tokens") if path == CHAT else ("max_tokens",)
+    for name in names:
+        value = _check(obj, name, _OPTIONAL_INT, "an integer")
+        if value is not None:
+            return name, value
+    return "max_tokens", None
+
+
+def _serialise(obj: dict[str, Any]) -> bytes:
+    """The body as JSON again.  A lone surrogate ("\\ud800" in the client's JSON) has no UTF-8 form: such a
+    body is written with ASCII escapes, which the engine decodes to what the client sent."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+    except RecursionError:
+        raise _invalid("The request body is nested too deeply.", None) from None
 
 
 def _estimate_prompt(path: str, obj: dict[str, Any]) -> int:
@@ -136,27 +169,33 @@ def _estimate_prompt(path: str, obj: dict[str, Any]) -> int:
                 raise _invalid(f"messages[{i}].content must be a string or a list", f"messages[{i}].content")
         return tokens.messages_tokens(messages)
     else:
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str | list):
-            raise _invalid("'prompt' must be a string, a list of strings or a list of token ids", "prompt")
-        return tokens.prompt_tokens(prompt)
+        count = tokens.prompt_tokens(obj.get("prompt"))
+        if count is None:
+            raise _invalid(
+                "'prompt' must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+                "prompt",
+            )
+        return count
 
 
-def context_error(context_window: int, prompt: int, max_tokens: int | None) -> GatewayError | None:
-    """vLLM's own wording when a request cannot fit the context window (clients parse it)."""
+def context_error(context_window: int, gen: Generation) -> GatewayError | None:
+    """What every vLLM generation refuses, in vLLM 0.33's wording (clients match "maximum context length
+    is N tokens"): a prompt that alone fills the window, or max_tokens over the window.  A prompt that
+    fits with max_tokens that do not is clamped by 0.33 and refused by 0.11: left to the engine."""
+    prompt = gen.prompt_tokens
     if prompt >= context_window:
         return GatewayError(
             "context_exceeded",
-            f"This model's maximum context length is {context_window} tokens. However, your request has "
-            f"{prompt} input tokens. Please reduce the length of the input messages.",
-            param="messages",
+            f"This model's maximum context length is {context_window} tokens. However, your prompt contains "
+            f"at least {prompt} input tokens, which exceeds this limit even without any output tokens. Please "
+            f"reduce the length of the input prompt. (parameter=input_tokens, value={prompt})",
+            param="input_tokens",
         )
-    if max_tokens is not None and prompt + max_tokens > context_window:
+    if gen.max_tokens is not None and gen.max_tokens > context_window:
         return GatewayError(
             "context_exceeded",
-            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
-            f"context length is {context_window} tokens and your request has {prompt} input tokens "
-            f"({max_tokens} > {context_window} - {prompt}).",
+            f"max_tokens={gen.max_tokens} cannot be greater than max_model_len={context_window}. Please request "
+            "fewer output tokens.",
             param="max_tokens",
         )
     return None

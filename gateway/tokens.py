@@ -49,12 +49,23 @@ def messages_tokens(messages: list[dict[str, Any]]) -> int:
     return sum(content_tokens(m.get("content")) + TOKENS_PER_MESSAGE for m in messages)
 
 
-def prompt_tokens(prompt: Any) -> int:
-    """Tokens of a completions prompt: a string, token ids, or a batch of either (the largest counts)."""
+def prompt_tokens(prompt: Any) -> int | None:
+    """Tokens of a completions prompt: a string, token ids, or a batch of strings or of token-id lists (the
+    largest counts); None for any other shape.  Flat loops: no recursion that nesting could deepen."""
     if isinstance(prompt, str):
         return text_tokens(prompt)
-    if isinstance(prompt, list) and prompt:
-        if isinstance(prompt[0], int):
-            return len(prompt)
-        return max(prompt_tokens(p) for p in prompt)
-    return 0
+    if not isinstance(prompt, list):
+        return None
+    if not prompt:
+        return 0
+    if all(_is_id(i) for i in prompt):
+        return len(prompt)
+    if all(isinstance(p, str) for p in prompt):
+        return max(text_tokens(p) for p in prompt)
+    if all(isinstance(p, list) and all(_is_id(i) for i in p) for p in prompt):
+        return max(len(p) for p in prompt)
+    return None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

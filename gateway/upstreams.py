@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from gateway.client import KEEPALIVE_TIMEOUT
-from gateway.settings import Settings
+from gateway.settings import Settings, upstream_spec
 
 log = logging.getLogger("gateway.upstreams")
 
@@ -19,6 +19,7 @@ class Upstream:
     """One engine and what the gateway knows of it."""
 
     url: str
+    name: str = ""  # how logs, labels, /status and errors show it: never its credentials
     up: bool = False
     in_flight: int = 0
     fails: int = 0
@@ -42,12 +43,13 @@ class UpstreamPool:
     """Ready engines first, fewest requests in flight first; hysteresis on health-check results."""
 
     def __init__(self, urls: list[str], fail_threshold: int, success_threshold: int) -> None:
-        self.upstreams = [Upstream(url.rstrip("/")) for url in dict.fromkeys(urls)]
+        bases = (upstream_spec(url)[0] for url in urls)  # without their ;weight=W
+        self.upstreams = [Upstream(url, url) for url in dict.fromkeys(bases)]
         self.fail_threshold = fail_threshold
         self.success_threshold = success_threshold
         self._served: dict[str, int] = {}  # read on every request: rebuilt only when a check changes it
 
-    def candidates(self) -> list[Upstream]:
+    def candidates(self, model: str = "") -> list[Upstream]:
         """Every engine in the order to try: an engine not known to be up is still tried last."""
         if len(self.upstreams) == 1:
             return self.upstreams
@@ -106,6 +108,7 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
+        headers={"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else None,
         timeout=timeout,
         auto_decompress=False,  # relay bytes as the engine sent them
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),

@@ -166,7 +166,10 @@ async def test_invalid_body_through_openai_client(client: openai.AsyncOpenAI, gw
 
 
 def context_message(window: int, prompt: int) -> str:
-    return f"This model's maximum context length is {window} tokens. However, your request has {prompt} input tokens"
+    return (
+        f"This model's maximum context length is {window} tokens. However, your prompt contains at least "
+        f"{prompt} input tokens, which exceeds this limit even without any output tokens."
+    )
 
 
 async def test_prompt_longer_than_context_window(stack: contextlib.AsyncExitStack) -> None:
@@ -178,7 +181,7 @@ async def test_prompt_longer_than_context_window(stack: contextlib.AsyncExitStac
     assert estimate == 122
     with pytest.raises(openai.BadRequestError) as caught:
         await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
-    error = error_body(caught.value.response.json(), code=400, type="BadRequestError", param="messages")
+    error = error_body(caught.value.response.json(), code=400, type="BadRequestError", param="input_tokens")
     assert error["message"].startswith(context_message(100, estimate))
     text = await gw.metrics()
     assert value(text, "gateway_request_errors_total", model=MODEL, error_type="context_exceeded") == 1
@@ -187,31 +190,57 @@ async def test_prompt_longer_than_context_window(stack: contextlib.AsyncExitStac
     await settled(gw, sim)
 
 
-async def test_prompt_plus_max_tokens_over_context_window(stack: contextlib.AsyncExitStack) -> None:
+async def test_max_tokens_over_the_whole_window_is_refused(stack: contextlib.AsyncExitStack) -> None:
+    """max_tokens larger than max_model_len: every vLLM generation refuses it, so the gateway does (0.33's words)."""
     sim = await sim_in(stack, max_model_len=100)
     gw = await gateway_in(stack, [sim.url])
     client = await client_in(stack, gw)
-    estimate = tokens.messages_tokens(HELLO)
-    with pytest.raises(openai.BadRequestError) as caught:
-        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=200)  # type: ignore[arg-type]
-    error = error_body(caught.value.response.json(), code=400, type="BadRequestError", param="max_tokens")
-    assert error["message"] == (
-        f"'max_tokens' or 'max_completion_tokens' is too large: 200. This model's maximum context length "
-        f"is 100 tokens and your request has {estimate} input tokens (200 > 100 - {estimate})."
-    )
-    # a request that exactly fills the window as the engine counts it passes
-    count = await tokenize(sim.url, HELLO)
-    assert count >= estimate
-    reply = await client.chat.completions.create(
-        model=MODEL,
-        messages=HELLO,  # type: ignore[arg-type]
-        max_tokens=100 - count,
-    )
-    assert reply.choices[0].finish_reason == "length"
+    for limit in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=HELLO, **{limit: 101})  # type: ignore[call-overload]
+        error = error_body(caught.value.response.json(), code=400, type="BadRequestError", param="max_tokens")
+        assert error["message"] == (
+            "max_tokens=101 cannot be greater than max_model_len=100. Please request fewer output tokens."
+        )
     text = await gw.metrics()
-    assert value(text, "gateway_request_errors_total", model=MODEL, error_type="context_exceeded") == 1
-    assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
+    assert value(text, "gateway_request_errors_total", model=MODEL, error_type="context_exceeded") == 2
+    assert sim.journal == []
+    await settled(gw, sim)
+
+
+async def test_prompt_plus_max_tokens_over_the_window_is_clamped_by_a_033_engine(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """vLLM 0.33 lowers max_tokens to what fits instead of refusing: the gateway lets it through."""
+    sim = await sim_in(stack, max_model_len=100)
+    gw = await gateway_in(stack, [sim.url])
+    client = await client_in(stack, gw)
+    count = await tokenize(sim.url, HELLO)
+    reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100)  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 100 - count
     assert sim.outcomes() == ["length"]
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total") == 0
+    assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
+    await settled(gw, sim)
+
+
+async def test_prompt_plus_max_tokens_over_the_window_is_the_011_engine_s_400(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """An engine of the older generation refuses what 0.33 clamps: its own 400 passes through untouched."""
+    sim = await sim_in(stack, max_model_len=100, vllm_compat="0.11")
+    gw = await gateway_in(stack, [sim.url])
+    client = await client_in(stack, gw)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100)  # type: ignore[arg-type]
+    message = caught.value.response.json()["error"]["message"]
+    assert message.startswith("'max_tokens' or 'max_completion_tokens' is too large: 100.")
+    assert sim.outcomes() == ["rejected"]
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total") == 0  # the engine's answer, not the gateway's error
+    assert value(text, "gateway_requests_total", model=MODEL, status="400") == 1
     await settled(gw, sim)
 
 
@@ -223,7 +252,7 @@ async def test_context_window_override(stack: contextlib.AsyncExitStack) -> None
     estimate = tokens.messages_tokens(messages)
     status, _, raw = await post(smaller.url + CHAT, json_body={"model": MODEL, "messages": messages})
     assert status == 400
-    error = error_body(json.loads(raw), code=400, type="BadRequestError", param="messages")
+    error = error_body(json.loads(raw), code=400, type="BadRequestError", param="input_tokens")
     assert error["message"].startswith(context_message(50, estimate))
     assert sim.journal == []
 
@@ -231,7 +260,7 @@ async def test_context_window_override(stack: contextlib.AsyncExitStack) -> None
     long = [{"role": "user", "content": "abcd" * 120}]
     status, _, raw = await post(larger.url + CHAT, json_body={"model": MODEL, "messages": long})
     assert status == 400
-    error = error_body(json.loads(raw), code=400, type="BadRequestError", param=None)
+    error = error_body(json.loads(raw), code=400, type="BadRequestError", param="input_tokens")
     assert error["message"].startswith("This model's maximum context length is 100 tokens.")
     assert sim.outcomes() == ["rejected"]
 

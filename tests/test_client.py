@@ -109,17 +109,30 @@ def closing_after_one_answer(heads: list[int], delay: float = 0.0) -> Script:
     return script
 
 
-async def test_stale_keepalive_is_retried_on_a_fresh_connection(engine_client: EngineClient) -> None:
+async def test_stale_keepalive_is_retried_on_a_fresh_connection_when_idempotent(engine_client: EngineClient) -> None:
     heads: list[int] = []
     async with scripted(closing_after_one_answer(heads)) as (url, accepted):
         for _ in range(3):
-            resp = await engine_client.request(url, "POST", CHAT, [], b"{}")
+            resp = await engine_client.request(url, "GET", "/v1/models", [], b"")
             assert (resp.status, await resp.read()) == (200, b"ok")
             resp.release()
         await wait_for(lambda: sum(heads) == 5, "the last request head")
     # three answers; the second and third went first to a reused connection that closed, then to a new one
     assert accepted[0] == 3
     assert heads == [2, 2, 1]
+
+
+async def test_a_post_the_engine_may_have_read_is_never_sent_twice(engine_client: EngineClient) -> None:
+    """A generation is not idempotent: a reused connection lost after the POST went out is an error."""
+    heads: list[int] = []
+    async with scripted(closing_after_one_answer(heads)) as (url, accepted):
+        resp = await engine_client.request(url, "POST", CHAT, [], b"{}")
+        assert await resp.read() == b"ok"
+        resp.release()
+        with pytest.raises(EngineBrokeOff):
+            await engine_client.request(url, "POST", CHAT, [], b"{}")
+    assert accepted[0] == 1
+    assert heads == [2]
 
 
 async def test_reused_connection_lost_late_is_an_error_not_a_resend(monkeypatch: pytest.MonkeyPatch) -> None:

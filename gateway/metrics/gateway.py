@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from gateway import __version__
+from gateway.access.keys import ANONYMOUS
 from gateway.errors import ERROR_TYPES
 from gateway.metrics import buckets
 
@@ -20,6 +21,11 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, *buckets.REQUEST_LATENCY)
 TOKEN_BUCKETS = (*buckets.tokens(1_000_000), 1048576.0)
 
 UNKNOWN_MODEL = "other"
+# TTFT grows with the prompt: one band label, five values (plus "none" for requests without a prompt)
+PROMPT_BANDS = ((8192, "8k"), (32768, "32k"), (131072, "128k"), (524288, "512k"), (1048576, "1m"))
+NO_PROMPT_BAND = "none"
+PREFILL_SPEED_BUCKETS = (*buckets.tokens(1_000_000)[3:], 2_000_000.0)  # 10 .. 2M tokens per second
+CLIENT_PHASES = ("queued", "prefill", "decode")
 M = TypeVar("M", bound=MetricWrapperBase)
 GENERATION_ENDPOINTS = ("chat_completions", "completions")
 
@@ -31,12 +37,43 @@ class GatewayMetrics:
         self.registry = registry
         rl = ("model", "endpoint")
         self.requests = Counter(
-            "gateway_requests", "Requests answered, by HTTP status.", (*rl, "status"), registry=registry
-        )
+            "gateway_requests", "Requests answered, by HTTP status and API key name.", (*rl, "status", "key"),
+            registry=registry,
+        )  # fmt: skip
         self.errors = Counter(
             "gateway_request_errors",
-            "Requests that failed, by error type (see README for the list).",
-            (*rl, "error_type"),
+            "Requests that failed, by error type (see README for the list) and API key name.",
+            (*rl, "error_type", "key"),
+            registry=registry,
+        )
+        self.key_names: tuple[str, ...] = (ANONYMOUS,)  # the key label's values: the keys file's names
+        self.key_tokens = Counter(
+            "gateway_key_tokens",
+            "Tokens of answered requests per API key, from the engine's usage count.",
+            ("key", "kind"),
+            registry=registry,
+        )
+        self.key_in_flight = Gauge(
+            "gateway_key_requests_in_flight", "Requests forwarded per API key.", ("key",), registry=registry
+        )
+        self.key_queue_depth = Gauge(
+            "gateway_key_queue_depth", "Requests waiting for a slot per API key.", ("key",), registry=registry
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused with 429 rate_limited, by API key and the limit hit (requests, tokens).",
+            ("key", "limit"),
+            registry=registry,
+        )
+        self.keys_loaded = Gauge("gateway_keys", "API keys in force.", registry=registry)
+        self.keys_reload_failed = Gauge(
+            "gateway_keys_reload_failed",
+            "1 while the keys file's last reload failed (the previous keys stay in force).",
+            registry=registry,
+        )
+        self.limits_redis_up = Gauge(
+            "gateway_limits_redis_up",
+            "1 while the rate limits are shared through Redis, 0 while local ones of limit / replicas apply.",
             registry=registry,
         )
         self.duration = Histogram(
@@ -55,9 +92,43 @@ class GatewayMetrics:
         )
         self.ttft = Histogram(
             "gateway_time_to_first_token_seconds",
-            "Time from arrival to the first content event of a stream, or the first byte otherwise.",
-            rl,
+            "Time from arrival to the first content event of a stream, or the first byte otherwise, by the "
+            "prompt's size band (tokens: 8k, 32k, 128k, 512k, 1m; none without a prompt).",
+            (*rl, "prompt_band"),
             buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.prefill_speed = Histogram(
+            "gateway_prefill_tokens_per_second",
+            "Prompt tokens of a stream over the engine's time to its first token (its queue and prefill).",
+            ("model",),
+            buckets=PREFILL_SPEED_BUCKETS,
+            registry=registry,
+        )
+        self.aborted_tokens = Counter(
+            "gateway_aborted_tokens",
+            "Prompt tokens (estimated) of requests whose client left, by the phase it left in.",
+            ("phase",),
+            registry=registry,
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects",
+            "Clients that left before their answer was complete, by the phase they left in.",
+            ("phase",),
+            registry=registry,
+        )
+        for phase in CLIENT_PHASES:
+            self.aborted_tokens.labels(phase)
+            self.client_disconnects.labels(phase)
+        self.read_timeout = Gauge(
+            "gateway_upstream_read_timeout_seconds",
+            "--upstream-read-timeout: how long an engine may stay silent (the oldest-request alert's horizon).",
+            registry=registry,
+        )
+        self.oldest_age = Gauge(
+            "gateway_oldest_request_age_seconds",
+            "Age of the oldest request waiting in the gateway's queue or forwarded to an engine.",
+            ("phase",),
             registry=registry,
         )
         self.itl = Histogram(
@@ -116,6 +187,35 @@ class GatewayMetrics:
             ("upstream",),
             registry=registry,
         )
+        self.retries = Counter(
+            "gateway_retries",
+            "Requests moved to another engine before the client got a byte, by the engine left and why.",
+            ("upstream", "reason"),
+            registry=registry,
+        )
+        self.routing_decisions = Counter(
+            "gateway_routing_decisions",
+            "Engines chosen, by policy and why: affinity, fallback (the key's engine was down, full or over its "
+            "bound), least_load, retry.",
+            ("upstream", "policy", "reason"),
+            registry=registry,
+        )
+        self.affinity_moves = Counter(
+            "gateway_affinity_moves", "Keyed requests sent to another engine than their key's own.", registry=registry
+        )
+        self.breaker_state = Gauge(
+            "gateway_upstream_breaker_state",
+            "Circuit breaker per engine: 0 closed, 1 half-open, 2 open.",
+            ("upstream",),
+            registry=registry,
+        )
+        self.kv_free = Gauge(
+            "gateway_upstream_kv_free_tokens",
+            "KV cache tokens free for new requests per engine (capacity x --kv-headroom minus use); NaN when the "
+            "engine does not report its KV cache.",
+            ("upstream",),
+            registry=registry,
+        )
         self.draining = Gauge("gateway_draining", "1 while the gateway drains before exit.", registry=registry)
         Gauge("gateway_build_info", "Build information; always 1.", ("version",), registry=registry).labels(
             __version__
@@ -131,6 +231,15 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    @staticmethod
+    def prompt_band(prompt_tokens: int | None) -> str:
+        if prompt_tokens is None:
+            return NO_PROMPT_BAND
+        for limit, band in PROMPT_BANDS:
+            if prompt_tokens <= limit:
+                return band
+        return PROMPT_BANDS[-1][1]
+
     def declare(self, models: Iterable[str]) -> None:
         """Create each error series of a served model at 0, so rate() sees its first increment."""
         for model in models:
@@ -139,4 +248,5 @@ class GatewayMetrics:
             self._declared.add(model)
             for endpoint in GENERATION_ENDPOINTS:
                 for error_type in ERROR_TYPES:
-                    self.child(self.errors, model, endpoint, error_type)
+                    for key in self.key_names:
+                        self.child(self.errors, model, endpoint, error_type, key)
