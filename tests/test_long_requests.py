@@ -271,6 +271,36 @@ async def test_failure_after_a_heartbeat_is_an_error_event_the_sdk_raises(
     await settled(gw, sim)
 
 
+async def read_stream(url: str, raw: bytearray) -> None:
+    """POST a chat stream to the gateway at ``url``, appending its bytes to ``raw`` as they arrive."""
+    body = {"model": MODEL, "messages": HELLO, "stream": True}
+    async with aiohttp.ClientSession() as s, s.post(url + CHAT, json=body) as r:
+        assert r.status == 200
+        async for chunk in r.content.iter_any():
+            raw += chunk
+
+
+async def test_queued_position_moves_up_as_requests_ahead_are_admitted(stack: contextlib.AsyncExitStack) -> None:
+    """The second of two waiters hears `position=2`; when the first gets the slot, `position=1`."""
+    sim = await sim_in(stack, ttft=1.0)
+    gw = await gateway_in(stack, [sim.url], max_concurrency=1, stream_heartbeat=BEAT)
+    holder = await hold_the_slot(gw, sim)
+    first, second = bytearray(), bytearray()
+    streams = [asyncio.create_task(read_stream(gw.url, first))]
+    await wait_for(lambda: gw.gateway.admission.queue_depth == 1, "the first waiter to queue")
+    streams.append(asyncio.create_task(read_stream(gw.url, second)))
+    await wait_for(lambda: b": queued position=2 " in second, "the second waiter's heartbeat")
+    assert b": queued position=1 " in first
+    await leave(holder)
+    await wait_for(lambda: b": prefill elapsed=" in first, "the first waiter to be forwarded")
+    await wait_for(lambda: b": queued position=1 " in second, "the second waiter to move up")
+    await asyncio.gather(*streams)
+    assert streamed_content(first) == streamed_content(second) == CONTENT
+    positions = [int(x.split(b"=")[1].split()[0]) for x in lines(second) if QUEUED.match(x)]
+    assert positions[0] == 2 and positions[-1] == 1 and positions == sorted(positions, reverse=True), positions
+    await settled(gw, sim)
+
+
 async def test_engine_read_timeout_after_a_heartbeat_is_an_error_event(stack: contextlib.AsyncExitStack) -> None:
     """An engine silent past --upstream-read-timeout, after the heartbeat sent the 200: a 504-type error event."""
     sim = await sim_in(stack)
