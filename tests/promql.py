@@ -1,4 +1,5 @@
-"""PromQL helpers for asset tests: metric names in an expression, queries in a Grafana dashboard."""
+"""PromQL helpers for asset tests: metric names in an expression, queries in a Grafana dashboard, vLLM's series by
+generation."""
 
 from __future__ import annotations
 
@@ -26,6 +27,40 @@ PROMQL_KEYWORDS = frozenset(
         "atan2",
         "start",
         "end",
+    }
+)
+
+# Series vLLM 0.33 no longer exports: no rule or panel may depend on one.
+VLLM_REMOVED_IN_033 = frozenset(
+    {
+        "vllm:gpu_cache_usage_perc",
+        "vllm:gpu_prefix_cache_queries_total",
+        "vllm:gpu_prefix_cache_hits_total",
+        "vllm:time_per_output_token_seconds_bucket",
+        "vllm:time_per_output_token_seconds_sum",
+        "vllm:time_per_output_token_seconds_count",
+    }
+)
+
+# Series a vLLM 0.33 engine exports and a 0.11 one does not, as rules and panels name them (counters with
+# _total, histograms by their _bucket/_sum/_count series).
+VLLM_ADDED_IN_033 = frozenset(
+    {
+        "vllm:num_requests_waiting_by_reason",
+        "vllm:prompt_tokens_cached_total",
+        "vllm:prompt_tokens_by_source_total",
+        "vllm:admission_rejections_total",
+        "vllm:engine_sleep_state",
+        "vllm:iteration_tokens_total",
+        *(
+            name + suffix
+            for name in (
+                "vllm:request_prefill_kv_computed_tokens",
+                "vllm:request_time_per_output_token_seconds",
+                "vllm:request_num_preemptions",
+            )
+            for suffix in ("_bucket", "_sum", "_count")
+        ),
     }
 )
 

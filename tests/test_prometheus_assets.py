@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.promql import dashboard_queries, metric_names_in_promql
+from tests.promql import VLLM_ADDED_IN_033, VLLM_REMOVED_IN_033, dashboard_queries, metric_names_in_promql
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "prometheus"
@@ -90,7 +90,7 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "process_open_fds",
         "process_max_fds",
         "process_start_time_seconds",
-        # engine series, re-exported with an `upstream` label
+        # engine series, re-exported with an `upstream` label: both generations (0.11 and 0.33)...
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
         "vllm:kv_cache_usage_perc",
@@ -104,6 +104,11 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         *_histogram("vllm:request_queue_time_seconds"),
         *_histogram("vllm:request_prefill_time_seconds"),
         *_histogram("vllm:request_decode_time_seconds"),
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:cache_config_info",
+        # ... and what 0.33 added
+        *VLLM_ADDED_IN_033,
     }
 )
 
@@ -126,6 +131,8 @@ REQUIRED_ALERTS = frozenset(
         "GPUErrors",
         "HostMemoryPressure",
         "EnginePreemptionsRising",
+        "EngineQueueFull",
+        "EngineRequestsErrored",
     }
 )
 
@@ -256,6 +263,50 @@ def test_dashboard_metrics_are_known() -> None:
         for expr in queries:
             unknown = metric_names_in_promql(expr) - known
             assert not unknown, f"{path.name}: {expr!r} uses unknown metrics {sorted(unknown)}"
+
+
+def _queries() -> list[tuple[str, str]]:
+    """(where, expression) of every rule and every dashboard query."""
+    rules = [(rule.get("record") or rule["alert"], rule["expr"]) for rule in _rules()]
+    return rules + [(path.name, expr) for path in DASHBOARDS for expr in dashboard_queries(path)]
+
+
+def test_nothing_depends_on_a_series_vllm_033_removed() -> None:
+    assert not KNOWN_METRICS & VLLM_REMOVED_IN_033
+    for where, expr in _queries():
+        removed = metric_names_in_promql(expr) & VLLM_REMOVED_IN_033
+        assert not removed, f"{where}: {expr!r} reads {sorted(removed)}, gone in vLLM 0.33"
+
+
+def test_the_operators_questions_033_answers_are_asked() -> None:
+    """KV capacity, why requests wait, cached prompt tokens, the engine's own refusals, finished reasons."""
+    used = set().union(*(metric_names_in_promql(expr) for _, expr in _queries()))
+    for name in (
+        "vllm:cache_config_info",
+        "vllm:num_requests_waiting_by_reason",
+        "vllm:prompt_tokens_cached_total",
+        "vllm:admission_rejections_total",
+        "vllm:engine_sleep_state",
+    ):
+        assert name in used, name
+    assert any('finished_reason="error"' in expr for _, expr in _queries()), "no alert on engine errors"
+
+
+def test_queries_on_033_series_fall_back_for_011_engines() -> None:
+    """A query that reads a series 0.33 added and one that 0.11 has too combines them with `or`, so a mixed
+    fleet shows every engine; queries reading only 0.33 series are the 0.33-only panels and rules."""
+    for where, expr in _queries():
+        names = {n for n in metric_names_in_promql(expr) if n.startswith("vllm:")}
+        if names & VLLM_ADDED_IN_033 and names - VLLM_ADDED_IN_033:
+            assert re.search(r"\bor\b", expr), f"{where}: {expr!r} mixes generations without an `or` fallback"
+
+
+def test_engine_busy_is_a_capacity_signal_not_an_engine_fault() -> None:
+    alerts = {rule["alert"]: rule for rule in _alerts()}
+    upstream_errors = alerts["HighUpstreamErrorRatio"]["expr"]
+    assert "upstream_error" in upstream_errors and "engine_busy" not in upstream_errors
+    recorded = {rule["record"]: rule["expr"] for rule in _rules() if "record" in rule}
+    assert "engine_busy" in recorded["model_error_type:gateway_admission_rejections:rate5m"]
 
 
 def test_dashboard_uses_recording_rules() -> None:

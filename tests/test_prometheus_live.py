@@ -1,4 +1,5 @@
-"""A real Prometheus scraping a real gateway process: the questions of issue 3, dashboard panels, rules."""
+"""A real Prometheus scraping a real gateway in front of a simulated vLLM of each generation (0.33, 0.11): the
+operator's questions, every dashboard panel, every rule."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics.gpu import GpuCollector
 from tests.harness import MODEL, Process, free_port, gpu_available, wait_http, wait_until
-from tests.promql import dashboard_queries, metric_names_in_promql
+from tests.promql import VLLM_ADDED_IN_033, dashboard_queries, metric_names_in_promql
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -31,15 +32,23 @@ REPO = Path(__file__).resolve().parent.parent
 RULE_FILES = sorted((REPO / "prometheus" / "rules").glob("*.yml"))
 DASHBOARD = REPO / "grafana" / "dashboards" / "glm-gateway.json"
 HELLO = [{"role": "user", "content": "Hello there"}]
+# Long enough for several 16-token KV blocks: sent twice, its leading blocks come from the prefix cache.
+LONG = [{"role": "user", "content": " ".join(f"paragraph {i} of the shared system prompt." for i in range(40))}]
+# The stream that holds the 0.33 engine's one queue slot while a second request is refused (never runs out first).
+HOLD_TOKENS = 50_000
 TOKEN_BUDGET = 100_000
 # Series Prometheus makes itself, not on the gateway's /metrics.
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped", "ALERTS"})
+# What a 0.11 engine may lack: the series 0.33 added, and vllm:cache_config_info, which vLLM 0.11's V1 engine
+# exports too but the sim imitates only in 0.33 (once it exports it in 0.11, its panel must have data there).
+MAY_LACK_BEFORE_033 = VLLM_ADDED_IN_033 | {"vllm:cache_config_info"}
 # GPU panels that show nothing while the GPU is healthy.
 GPU_EMPTY_WHEN_HEALTHY = frozenset({"gateway_gpu_throttle_active == 1"})
 
 
 @dataclass
 class Stack:
+    generation: str
     sim: str
     gateway: str
     prometheus: str
@@ -74,11 +83,37 @@ def _post(url: str, body: dict[str, Any]) -> None:
         assert r.status == 200
 
 
-def _traffic(gateway: str, sim: str) -> int:
-    """Streamed and not, chat and completions, and a few failures for the error panels; returns requests sent."""
+def _sim_state(sim: str) -> dict[str, Any]:
+    with urllib.request.urlopen(sim + "/admin/state", timeout=10) as r:
+        return json.load(r)
+
+
+def _engine_busy(client: openai.OpenAI, sim: str) -> int:
+    """A 0.33 engine started with --max-num-queued-reqs 1 refuses a second request while one runs: 503,
+    passed on by the only engine's gateway as engine_busy. Returns the requests sent (the held stream is
+    then closed: a client_disconnected for the error panels)."""
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=HOLD_TOKENS, stream=True)
+    try:
+        next(iter(stream))  # the engine has admitted it: its one slot is taken until the stream ends
+        with pytest.raises(openai.InternalServerError) as busy:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        assert busy.value.status_code == 503
+        assert busy.value.response.headers["Retry-After"]
+    finally:
+        stream.close()
+    wait_until(lambda: _sim_state(sim)["running"] == 0, "the engine to drop the stream its client left")
+    return 2
+
+
+def _traffic(gateway: str, sim: str, generation: str) -> int:
+    """Streamed and not, chat and completions, a repeated long prompt (prefix-cache hits), a few failures for
+    the error panels and, in front of a 0.33 engine, its own 503; returns the requests sent."""
     client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
     sent = 0
     try:
+        for _ in range(2):
+            client.chat.completions.create(model=MODEL, messages=LONG, max_tokens=2)
+            sent += 1
         for i in range(4):
             client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3 + i)
             client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4)
@@ -99,6 +134,8 @@ def _traffic(gateway: str, sim: str) -> int:
             sent += 1
         finally:
             _post(sim + "/admin/faults", {"drop_after_tokens": -1})
+        if generation == "0.33":
+            sent += _engine_busy(client, sim)
     finally:
         client.close()
     return sent
@@ -120,8 +157,13 @@ def _prometheus_config(tmp: Path, gateway: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+# The sim's flags per generation: 0.33 with a one-request engine queue, so that its 503 shows up.
+SIM_FLAGS = {"0.33": ("--vllm-compat", "0.33", "--max-num-queued-reqs", "1"), "0.11": ("--vllm-compat", "0.11")}
+
+
+@pytest.fixture(scope="module", params=sorted(SIM_FLAGS, reverse=True), ids=lambda g: f"vllm-{g}")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    generation: str = request.param
     tmp = tmp_path_factory.mktemp("prometheus")
     sim_port, gw_port, prom_port = free_port(), free_port(), free_port()
     sim = f"http://127.0.0.1:{sim_port}"
@@ -130,7 +172,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     procs: list[Process] = []
     prometheus: subprocess.Popen[bytes] | None = None
     try:
-        procs.append(Process("sim", "--host", "127.0.0.1", "--port", str(sim_port), "--itl", "0.002"))
+        sim_flags = ("--host", "127.0.0.1", "--port", str(sim_port), "--itl", "0.002", *SIM_FLAGS[generation])
+        procs.append(Process("sim", *sim_flags))
         wait_http(sim + "/health")
         flags = {
             "--host": "127.0.0.1",
@@ -156,10 +199,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stderr=subprocess.DEVNULL,
         )
         wait_http(prom + "/-/ready")
-        st = Stack(sim, gateway, prom, gpu_available(), 0)
+        st = Stack(generation, sim, gateway, prom, gpu_available(), 0)
         # one scrape before the traffic, so rate() sees the counters move
         wait_until(lambda: st.scalar('up{job="glm-gateway"}') == 1, "Prometheus to scrape the gateway")
-        st.sent = _traffic(gateway, sim)
+        st.sent = _traffic(gateway, sim, generation)
         wait_until(lambda: st.scalar("sum(gateway_requests_total)") == st.sent, "Prometheus to see every request")
         yield st
     finally:
@@ -195,6 +238,13 @@ def test_answers_the_operators_questions(stack: Stack) -> None:
         assert result[0]["metric"]["model_name"] == MODEL
         assert 0 <= float(result[0]["value"][1]) <= 1 or name == "vllm:num_requests_waiting"
     assert _finite_positive(stack, "gateway_host_memory_available_bytes")
+    # the repeated long prompt was partly served from the prefix cache, in either generation
+    assert _finite_positive(stack, "upstream:vllm_prompt_tokens_cached:ratio_rate5m") < 1
+    if stack.generation == "0.33":
+        (info,) = stack.query("vllm:cache_config_info")
+        assert int(info["metric"]["num_gpu_blocks"]) * int(info["metric"]["block_size"]) > 0
+        assert _finite_positive(stack, 'sum(gateway_request_errors_total{error_type="engine_busy"})') == 1
+        assert _finite_positive(stack, "sum(vllm:admission_rejections_total)") == 1
     if stack.gpu:
         assert _finite_positive(stack, "sum(gateway_gpu_memory_total_bytes)")
         assert stack.scalar("gateway_gpu_available") == 1
@@ -207,6 +257,22 @@ def _gpu_only(expr: str) -> bool:
     """Series that exist only where NVML found a GPU (gateway_gpu_available itself is always there)."""
     names = metric_names_in_promql(expr)
     return any((n.startswith("gateway_gpu_") and n != "gateway_gpu_available") or n.startswith("gpu:") for n in names)
+
+
+def _exposed(stack: Stack) -> set[str]:
+    with urllib.request.urlopen(stack.gateway + "/metrics", timeout=10) as r:
+        return _exposed_names(r.read().decode())
+
+
+def _empty_before_033(stack: Stack, expr: str, exposed: set[str]) -> bool:
+    """In front of a 0.11 engine: a query that reads only series it does not export (0.33 added them), or
+    the engine's own 503 (engine_busy), which a 0.11 engine never sends. Empty there by design."""
+    if stack.generation == "0.33":
+        return False
+    if 'error_type="engine_busy"' in expr:
+        return True
+    engine = {n for n in metric_names_in_promql(expr) if n.startswith("vllm:")}
+    return bool(engine) and engine <= MAY_LACK_BEFORE_033 - exposed
 
 
 def test_every_dashboard_query_runs_and_has_data(stack: Stack) -> None:
@@ -222,10 +288,10 @@ def test_every_dashboard_query_runs_and_has_data(stack: Stack) -> None:
     for expr in queries:
         stack.query(expr)  # every query parses and runs
     # The exemptions: without a GPU, every GPU panel; with one, the panels that are empty on a healthy
-    # GPU (throttling filtered to == 1) or where NVML does not answer (no ECC on many boards).
+    # GPU (throttling filtered to == 1) or where NVML does not answer (no ECC on many boards); in front of
+    # a 0.11 engine, the panels of what 0.33 added.
+    exposed = _exposed(stack)
     if stack.gpu:
-        with urllib.request.urlopen(stack.gateway + "/metrics", timeout=10) as r:
-            exposed = _exposed_names(r.read().decode())
         exempt = {
             q
             for q in queries
@@ -234,7 +300,9 @@ def test_every_dashboard_query_runs_and_has_data(stack: Stack) -> None:
     else:
         exempt = {q for q in queries if _gpu_only(q)}
         assert exempt, "the dashboard has no GPU panels?"
-    expected = [q for q in queries if q not in exempt]
+    before_033 = {q for q in queries if _empty_before_033(stack, q, exposed)}
+    assert bool(before_033) == (stack.generation == "0.11")
+    expected = [q for q in queries if q not in exempt | before_033]
 
     def empty() -> list[str]:
         return [q for q in expected if not stack.query(q)]
@@ -268,9 +336,22 @@ def test_every_rule_expression_runs_and_evaluates_ok(stack: Stack) -> None:
     evaluated = wait_until(loaded, "Prometheus to load and evaluate every rule")
     bad = [(r["name"], r["health"], r.get("lastError")) for r in evaluated if r["health"] != "ok"]
     assert not bad, bad
-    # recording rules over the traffic produce series
-    for name in ("model:gateway_requests:rate5m", "model:gateway_request_duration_seconds:p95_5m"):
-        assert stack.query(name), name
+    # recording rules over the traffic produce series, the engine ones in either generation
+    for name in (
+        "model:gateway_requests:rate5m",
+        "model:gateway_request_duration_seconds:p95_5m",
+        "upstream_reason:vllm_num_requests_waiting:sum",
+        "upstream:vllm_prompt_tokens_cached:ratio_rate5m",
+        "upstream_finished_reason:vllm_request_success:ratio_rate5m",
+    ):
+        wait_until(lambda name=name: stack.query(name), f"{name} to be recorded", timeout=30)
+    reasons = {r["metric"]["reason"] for r in stack.query("upstream_reason:vllm_num_requests_waiting:sum")}
+    assert reasons == ({"capacity", "deferred"} if stack.generation == "0.33" else {"unknown"})
+    rejections = "upstream_reason:vllm_admission_rejections:rate5m"
+    if stack.generation == "0.33":
+        wait_until(lambda: stack.query(rejections), f"{rejections} to be recorded", timeout=30)
+    else:
+        assert stack.query(rejections) == []
     # nothing is alerting on a healthy stack
     firing = [a["labels"]["alertname"] for a in stack.api("alerts")["data"]["alerts"] if a["state"] == "firing"]
     assert firing == []
@@ -294,8 +375,7 @@ def _gpu_collector_names() -> set[str]:
 
 
 def test_every_metric_in_rules_and_dashboard_is_really_exposed(stack: Stack) -> None:
-    with urllib.request.urlopen(stack.gateway + "/metrics", timeout=10) as r:
-        exposed = _exposed_names(r.read().decode())
+    exposed = _exposed(stack)
     recorded = {rule["record"] for rule in _rules() if "record" in rule}
     used: dict[str, set[str]] = {}
     for rule in _rules():
@@ -305,6 +385,8 @@ def test_every_metric_in_rules_and_dashboard_is_really_exposed(stack: Stack) -> 
         for name in metric_names_in_promql(expr):
             used.setdefault(name, set()).add("dashboard")
     wanted = set(used) - recorded - PROMETHEUS_SERIES
+    if stack.generation == "0.11":
+        wanted -= MAY_LACK_BEFORE_033 - exposed
     assert any(n.startswith("vllm:") for n in wanted) and any(n.startswith("gateway_") for n in wanted)
     gpu_names = {n for n in wanted if n.startswith("gateway_gpu_")}
     if stack.gpu:
