@@ -132,7 +132,8 @@ def handlers(gw: Gateway) -> list[web.RouteDef]:
             "settings": gw.settings.public(),
             "context_window": gw.proxy.context_window(),
             "admission": gw.admission.stats(),
-            "upstreams": [u.public() for u in gw.pool.upstreams],
+            "routing": {"policy": gw.settings.routing, "waiting_for_kv_room": gw.router.waiting},
+            "upstreams": [{**u.public(), "routing": gw.router.public(u)} for u in gw.pool.upstreams],
             "gpus": gw.gpu.snapshot(),
             "host": gw.host.snapshot(),
         }

@@ -179,7 +179,7 @@ async def test_breaker_opens_after_failures_half_opens_and_closes_on_success(
 ) -> None:
     sims = [await sim_in(stack), await sim_in(stack)]
     gw = await gateway_in(
-        stack, [s.url for s in sims], breaker_failures=3, breaker_cooldown=3.0, slow_start=0.0, **LOADS
+        stack, [s.url for s in sims], breaker_failures=3, breaker_cooldown=3.0, slow_start=3600.0, **LOADS
     )
     await wait_for(lambda: all(u.up for u in gw.gateway.pool.upstreams), "both engines up")
     client = await client_in(stack, gw)
@@ -208,6 +208,9 @@ async def test_breaker_opens_after_failures_half_opens_and_closes_on_success(
     _, _, body = await fetch("GET", gw.url + "/status")
     routing = json.loads(body)["upstreams"][0]["routing"]
     assert routing["breaker"] == CLOSED and routing["load_source"] == "engine"
+    assert routing["share"] == 0.1  # slow start: a tenth of its weight, ramping up over --slow-start
+    await chat(client, "after", [{"role": "user", "content": "hi"}])
+    assert home(sims, "after") == 1  # both idle: the engine at its full share is preferred
     await settled(gw, *sims)
 
 

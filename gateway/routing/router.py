@@ -75,7 +75,9 @@ class Router:
         self.engines = engines  # the scrape of each engine's /metrics, shared with the gateway's /metrics page
         sources = {s.url: s for s in engines.sources}
         weights = dict(upstream_spec(spec) for spec in settings.upstream)
-        stale = 3 * settings.engine_load_interval + max((s.timeout.total or 0 for s in engines.sources), default=0)
+        # a view is stale after three missed reads (a read is at most the cache's age old, and may take the timeout)
+        every = max(settings.engine_load_interval, settings.engine_metrics_max_age)
+        stale = 3 * every + settings.engine_metrics_timeout
         self.states = {
             u: EngineState(
                 u, sources.get(u.url), Breaker(u.name, settings.breaker_failures, settings.breaker_cooldown),
@@ -86,7 +88,6 @@ class Router:
         }  # fmt: skip
         self.budget = RetryBudget(settings.retry_budget)
         self._waiters: deque[_Waiter] = deque()
-        self._decisions: dict[tuple[Upstream, str], object] = {}
         for state in self.states.values():
             name = state.upstream.name
             metrics.breaker_state.labels(name).set_function(lambda s=state: STATE_VALUES[s.breaker.state()])
@@ -132,8 +133,7 @@ class Router:
         now = time.monotonic()
         states = self._serving(model)
         usable = [s for s in states if s.usable(now)]
-        route = Route([*least_load(usable, now), *(s for s in states if s not in usable)], 0)
-        return route
+        return Route([*least_load(usable, now), *(s for s in states if s not in usable)], 0)
 
     async def admit(self, cost: int, model: str, key: bytes | None, timeout: float) -> Route:  # noqa: ASYNC109
         """The request's route once an engine has KV room for ``cost`` tokens; waits for room behind the
@@ -201,13 +201,8 @@ class Router:
         return route
 
     def _decided(self, upstream: Upstream, reason: str) -> None:
-        key = (upstream, reason)
-        child = self._decisions.get(key)
-        if child is None:
-            child = self._decisions[key] = self.metrics.routing_decisions.labels(
-                upstream.name, self.settings.routing, reason
-            )
-        child.inc()  # type: ignore[attr-defined]
+        m = self.metrics
+        m.child(m.routing_decisions, upstream.name, self.settings.routing, reason).inc()
 
     def _wake(self) -> None:
         waiters = self._waiters
@@ -232,9 +227,8 @@ class Router:
             return False
         route.tries += 1
         self.metrics.child(self.metrics.retries, left.name, reason).inc()
-        state = self.states[to]
-        if route.cost:
-            route.hold(state, time.monotonic())
+        if route.held is not None:  # an admitted request: its tokens and its decision move along
+            route.hold(self.states[to], time.monotonic())
             self._decided(to, RETRY)
         return True
 
