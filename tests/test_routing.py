@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from typing import Any
 
@@ -300,3 +301,32 @@ async def test_weights_give_an_engine_its_share(stack: contextlib.AsyncExitStack
 def test_a_bad_upstream_weight_is_refused_at_start(spec: str) -> None:
     with pytest.raises(ValueError, match="--upstream must be"):
         Settings(upstream=[spec])
+
+
+async def test_an_engine_without_metrics_is_routed_by_the_gateway_s_own_counts(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    silent, talking = await sim_in(stack), await sim_in(stack)
+    await silent.faults(metrics_delay=3600)  # its /metrics never answers, as an OpenAI server without one
+    gw = await gateway_in(stack, [silent.url, talking.url], engine_metrics_timeout=0.2, **LOADS)
+    await wait_for(lambda: all(u.up for u in gw.gateway.pool.upstreams), "both engines up")
+    await wait_for(lambda: known_except(gw, 0), "the talking engine's KV capacity")
+    _, _, body = await fetch("GET", gw.url + "/status")
+    views = [u["routing"] for u in json.loads(body)["upstreams"]]
+    assert [v["load_source"] for v in views] == ["gateway", "engine"]
+    assert views[0]["kv_free_tokens"] is None and views[1]["kv_free_tokens"] == 600000 * 9 // 10
+    client = await client_in(stack, gw)
+    ids = [f"mixed-{i}" for i in range(6)]
+    await asyncio.gather(*(chat(client, rid, [{"role": "user", "content": "hi"}]) for rid in ids))
+    assert sum(len(s.journal) for s in (silent, talking)) == len(ids)
+    text = await gw.metrics()
+    assert math.isnan(value(text, "gateway_upstream_kv_free_tokens", upstream=silent.url))
+    assert value(text, "gateway_routing_decisions_total", policy="least-load", reason="least_load") == 6
+    await settled(gw, silent, talking)
+
+
+def known_except(gw: Gw, index: int) -> bool:
+    """Every engine but one reports its KV capacity."""
+    now = time.monotonic()
+    states = list(gw.gateway.router.states.values())
+    return all(s.capacity(now) for i, s in enumerate(states) if i != index)
