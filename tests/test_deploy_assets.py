@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_SIM = DEPLOY / "docker-compose.sim.yml"
+VERSIONS = DEPLOY / ".env"  # the one place that pins each image; compose reads it by itself
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S_MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 DASHBOARD = REPO / "grafana" / "dashboards" / "glm-gateway.json"
@@ -65,6 +66,26 @@ def _k8s(kind: str, name: str) -> dict:
     return found[0]
 
 
+def _pins() -> dict[str, str]:
+    """deploy/.env's assignments (the image pins, and whatever an operator added below them)."""
+    lines = [ln.strip() for ln in VERSIONS.read_text(encoding="utf-8").splitlines()]
+    return dict(ln.split("=", 1) for ln in lines if ln and not ln.startswith("#"))
+
+
+def _images() -> dict[str, str]:
+    return {k: v for k, v in _pins().items() if k.endswith("_IMAGE")}
+
+
+def _flag(args: list[str], name: str) -> str:
+    (value,) = [a.split("=", 1)[1] for a in args if a.startswith(name + "=")]
+    return value
+
+
+def _pod_specs() -> list[tuple[str, dict]]:
+    docs = [d for _, d in _k8s_docs() if "template" in d.get("spec", {})]
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs]
+
+
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     text = DOCKERFILE.read_text(encoding="utf-8")
     lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
@@ -75,9 +96,6 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
             keyword, _, rest = line.strip().partition(" ")
             out.append((keyword.upper(), rest.strip()))
     return out
-
-
-# ---- docker compose
 
 
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_SIM], ids=lambda p: p.name)
@@ -111,9 +129,55 @@ def test_compose_only_gateway_is_published() -> None:
     assert _compose(COMPOSE)["services"]["gateway"]["ports"]
 
 
+# ---- image pins
+
+
+def test_each_image_is_pinned_once_in_deploy_env() -> None:
+    images = _images()
+    assert set(images) == {"VLLM_IMAGE", "PROMETHEUS_IMAGE", "GRAFANA_IMAGE", "NODE_EXPORTER_IMAGE"}
+    for name, image in images.items():
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag and tag != "latest", (name, image)
+    assert images["VLLM_IMAGE"] == "vllm/vllm-openai:v0.33.0"
+    # the releases of late 2026, not the year-old ones (Prometheus 2.53, Grafana 11.2, node-exporter 1.8)
+    assert images["PROMETHEUS_IMAGE"].startswith("prom/prometheus:v3.")
+    assert int(images["GRAFANA_IMAGE"].rpartition(":")[2].split(".")[0]) >= 12
+    assert int(images["NODE_EXPORTER_IMAGE"].rpartition(":v")[2].split(".")[1]) >= 9
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_SIM], ids=lambda p: p.name)
+def test_compose_images_come_from_deploy_env(path: Path) -> None:
+    """No tag is written in a compose file: each image is ${X_IMAGE:?...}, failing loudly without deploy/.env."""
+    images = _images()
+    for name, service in _compose(path)["services"].items():
+        image = service.get("image")
+        if image is None or image.startswith("glm-gateway:"):  # the image built from deploy/Dockerfile
+            continue
+        match = re.fullmatch(r"\$\{(\w+):\?[^}]+\}", image)
+        assert match and match.group(1) in images, (name, image)
+    text = path.read_text(encoding="utf-8")
+    for image in images.values():
+        assert image.rpartition(":")[2] not in text, f"{path.name} repeats the tag of {image}"
+
+
+def test_k8s_manifests_use_the_pinned_images() -> None:
+    pinned = set(_images().values())
+    repositories = {image.rpartition(":")[0]: image for image in pinned}
+    for name, spec in _pod_specs():
+        for container in spec["containers"]:
+            image = container["image"]
+            if image.startswith("glm-gateway:"):
+                continue
+            assert image.rpartition(":")[0] in repositories, (name, image)
+            assert image in pinned, f"{name}: {image}, but deploy/.env pins {repositories[image.rpartition(':')[0]]}"
+
+
+# ---- docker compose
+
+
 def test_compose_vllm_serves_glm4_on_a_gpu() -> None:
     vllm = _compose(COMPOSE)["services"]["vllm"]
-    assert vllm["image"].startswith("vllm/vllm-openai")
+    assert vllm["image"] == "${VLLM_IMAGE:?pinned in deploy/.env}"
     args = " ".join(vllm["command"])
     for flag in (
         "--trust-remote-code",
@@ -131,6 +195,20 @@ def test_compose_vllm_serves_glm4_on_a_gpu() -> None:
     health = vllm["healthcheck"]
     assert "/health" in " ".join(health["test"])
     assert _seconds(health["start_period"]) >= 600
+
+
+def test_compose_vllm_drains_and_shares_its_key_with_the_gateway() -> None:
+    services = _compose(COMPOSE)["services"]
+    vllm, gateway = services["vllm"], services["gateway"]
+    # vLLM's default --shutdown-timeout of 0 aborts in-flight requests: drain as long as the gateway does
+    assert _flag(vllm["command"], "--shutdown-timeout") == "${GATEWAY_DRAIN_TIMEOUT:-60}"
+    assert gateway["environment"]["GATEWAY_DRAIN_TIMEOUT"] == "${GATEWAY_DRAIN_TIMEOUT:-60}"
+    assert _seconds(vllm["stop_grace_period"]) > DRAIN_TIMEOUT_S
+    # one engine key: vLLM reads VLLM_API_KEY (empty = none), the gateway sends it on requests, checks, scrapes
+    assert vllm["environment"]["VLLM_API_KEY"] == "${VLLM_API_KEY:-}"
+    assert gateway["environment"]["GATEWAY_UPSTREAM_API_KEY"] == "${VLLM_API_KEY:-}"
+    sim = _compose(COMPOSE_SIM)["services"]["vllm"]
+    assert sim["environment"] == {"GATEWAY_SIM_API_KEY": "${VLLM_API_KEY:-}"}
 
 
 def test_compose_gateway_waits_for_vllm_and_drains() -> None:
@@ -222,14 +300,57 @@ def test_k8s_hpa_scales_on_queue_depth() -> None:
 
 
 def test_k8s_vllm_example() -> None:
-    deployment = _k8s("Deployment", "vllm")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    deployment = _k8s("Deployment", "glm-engine")
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["image"] == "vllm/vllm-openai:v0.33.0"
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/health"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     assert "--trust-remote-code" in container["args"]
-    assert _k8s("Service", "vllm")["spec"]["ports"][0]["port"] == 8000
+    service = _k8s("Service", "glm-engine")
+    assert service["spec"]["ports"][0]["port"] == 8000
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    config = _k8s("ConfigMap", "glm-gateway")["data"]
+    assert config["GATEWAY_UPSTREAM"] == "http://glm-engine:8000"
+    # drains on SIGTERM as long as the gateway does, within the grace period
+    drain = int(config["GATEWAY_DRAIN_TIMEOUT"])
+    assert int(_flag(container["args"], "--shutdown-timeout")) == drain
+    prestop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert prestop[0] == "sleep"
+    assert spec["terminationGracePeriodSeconds"] > int(prestop[1]) + drain
+
+
+def test_k8s_engine_key_is_one_optional_secret() -> None:
+    """vLLM 0.33's --api-key also guards /v1/models: the gateway must send the engine's key, read from the
+    same Secret; without the Secret neither container gets the variable."""
+    (engine,) = _k8s("Deployment", "glm-engine")["spec"]["template"]["spec"]["containers"]
+    (gateway,) = _k8s("Deployment", "glm-gateway")["spec"]["template"]["spec"]["containers"]
+    refs = {}
+    for container, variable in ((engine, "VLLM_API_KEY"), (gateway, "GATEWAY_UPSTREAM_API_KEY")):
+        (env,) = [e for e in container["env"] if e["name"] == variable]
+        refs[variable] = env["valueFrom"]["secretKeyRef"]
+        assert refs[variable]["optional"] is True
+    assert refs["VLLM_API_KEY"] == refs["GATEWAY_UPSTREAM_API_KEY"]
+
+
+def test_no_service_is_named_vllm() -> None:
+    """A Service `vllm` makes Kubernetes inject VLLM_PORT=tcp://... into every pod of the namespace, and vLLM
+    refuses to start; any name that becomes a VLLM_* variable prefix is as bad."""
+    services = [d["metadata"]["name"] for _, d in _k8s_docs() if d["kind"] == "Service"]
+    assert services
+    for name in services:
+        assert not name.replace("-", "_").upper().startswith("VLLM"), name
+    for path in (COMPOSE, COMPOSE_SIM):  # compose makes no such variables; its `vllm` service stays
+        assert "vllm" in _compose(path)["services"]
+
+
+def test_k8s_pods_turn_service_links_off() -> None:
+    specs = _pod_specs()
+    assert {name for name, _ in specs} >= {"glm-engine", "glm-gateway"}
+    for name, spec in specs:
+        assert spec.get("enableServiceLinks") is False, name
 
 
 # ---- Dockerfile
