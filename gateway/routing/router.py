@@ -179,11 +179,14 @@ class Router:
     def _choose(self, cost: int, states: list[EngineState], key: bytes | None, now: float) -> Route | None:
         """The route over the engines with room, or None while every usable engine is full.  With no usable
         engine at all, every engine is tried: the connection errors then say why."""
+        if not states:
+            return Route([], cost)  # no engine serves it: the connection step says so
         usable = [s for s in states if s.usable(now)]
         fits = [s for s in usable if s.room(now) >= cost]
         if usable and not fits:
             return None
-        rest = [s for s in states if s not in usable and s.room(now) >= cost]  # last resorts: down or open
+        # last resorts, down or open: those with room, or all of them when none is usable
+        rest = [s for s in states if s not in usable and (not usable or s.room(now) >= cost)]
         policy = self.settings.routing
         if key is None or policy == LEAST_LOAD:
             order, reason = least_load(fits, now), LEAST
@@ -193,11 +196,10 @@ class Router:
             reason = AFFINITY if order and order[0] is home else FALLBACK
             if reason == FALLBACK:
                 self.metrics.affinity_moves.inc()
-        route = Route([*order, *least_load(rest, now)], cost)
-        if route.candidates:
-            first = order[0] if order else rest[0]
-            route.hold(first, now)
-            self._decided(first.upstream, reason)
+        ordered = [*order, *least_load(rest, now)]
+        route = Route(ordered, cost)
+        route.hold(ordered[0], now)
+        self._decided(ordered[0].upstream, reason)
         return route
 
     def _decided(self, upstream: Upstream, reason: str) -> None:
