@@ -241,11 +241,13 @@ class Proxy:
 
     async def _acquire(self, cost: int, gen: Generation | None, request: web.Request, ex: Exchange) -> Route:
         """A slot from admission, then an engine with KV room (routing): the wait for both is the queue wait."""
+        model = gen.model if gen else ""
+        self.router.check(cost, model)  # larger than every engine's KV cache: refused before any wait
         waited = await self.admission.acquire(cost, ex.key)
         start = perf_counter()
         try:
             key = self.router.key(request.headers, gen)
-            route = await self.router.admit(cost, gen.model if gen else "", key, self.settings.queue_timeout - waited)
+            route = await self.router.admit(cost, model, key, self.settings.queue_timeout - waited)
         except BaseException:
             self.admission.release(cost, ex.key)
             raise

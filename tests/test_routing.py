@@ -56,7 +56,7 @@ async def test_long_request_goes_where_kv_room_is_and_waits_when_none_has_it(
         await sim_in(stack, kv_cache_tokens=3200, itl=0.002, max_num_seqs=8),
         await sim_in(stack, kv_cache_tokens=16000, itl=0.004, ttft=0.02),
     ]
-    gw = await gateway_in(stack, [s.url for s in sims], **LOADS)
+    gw = await gateway_in(stack, [s.url for s in sims], max_concurrency=2, **LOADS)
     await wait_for(lambda: known(gw), "every engine's KV capacity")
     client = await client_in(stack, gw)
     router = gw.gateway.router
@@ -75,6 +75,11 @@ async def test_long_request_goes_where_kv_room_is_and_waits_when_none_has_it(
     second = asyncio.create_task(complete("long-2", long_prompt))
     await wait_for(lambda: router.waiting == 1, "the second long request to wait for room")
     assert [len(s.journal) for s in sims] == [0, 0, 1]  # not sent to an engine without room
+    status, _, body = await post(
+        gw.url + "/v1/completions", json_body={"model": MODEL, "prompt": list(range(20000)), "max_tokens": 1}
+    )  # more than any engine holds: refused at once, though both slots are taken
+    assert status == 400
+    error_body(json.loads(body), code="kv_capacity", type="invalid_request_error")
 
     await sims[2].faults(latency=0)
     await cancel(first)  # its tokens leave the large engine: the waiting request goes there
@@ -82,14 +87,9 @@ async def test_long_request_goes_where_kv_room_is_and_waits_when_none_has_it(
     assert answer.usage.prompt_tokens == 10000
     assert home(sims, "long-2") == 2
 
-    status, _, body = await post(
-        gw.url + "/v1/completions", json_body={"model": MODEL, "prompt": list(range(20000)), "max_tokens": 1}
-    )  # more than any engine holds: refused at once
-    assert status == 400
-    error_body(json.loads(body), code="kv_capacity", type="invalid_request_error")
     text = await gw.metrics()
     assert value(text, "gateway_request_errors_total", error_type="kv_capacity") == 1
-    assert value(text, "gateway_routing_decisions_total", upstream=sims[2].url, reason="least_load") >= 2
+    assert value(text, "gateway_routing_decisions_total", upstream=sims[2].url, reason="least_load") == 2
     await settled(gw, *sims)
     await wait_for(lambda: router.states[gw.gateway.pool.upstreams[2]].room(time.monotonic()) == 14400, "room")
     assert value(await gw.metrics(), "gateway_upstream_kv_free_tokens", upstream=sims[2].url) == 14400

@@ -137,7 +137,7 @@ class Router:
 
     async def admit(self, cost: int, model: str, key: bytes | None, timeout: float) -> Route:  # noqa: ASYNC109
         """The request's route once an engine has KV room for ``cost`` tokens; waits for room behind the
-        requests that came before it.  Raises GatewayError when no engine could ever hold it, or on timeout."""
+        requests that came before it.  Raises GatewayError when no engine can hold it any more, or on timeout."""
         self.budget.request()
         states = self._serving(model)
         now = time.monotonic()
@@ -166,6 +166,11 @@ class Router:
                     retry_after=1,
                 ) from None
             raise
+
+    def check(self, cost: int, model: str) -> None:
+        """Refuse (400 ``kv_capacity``) a request larger than every engine's KV cache x --kv-headroom, when every
+        engine reports its KV cache: it could never be admitted."""
+        self._refuse_oversized(cost, self._serving(model), time.monotonic())
 
     def _refuse_oversized(self, cost: int, states: Sequence[EngineState], now: float) -> None:
         capacities = [s.capacity(now) for s in states]
