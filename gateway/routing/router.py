@@ -23,7 +23,7 @@ from gateway.routing.breaker import STATE_VALUES, Breaker
 from gateway.routing.load import EngineState
 from gateway.routing.policies import LEAST_LOAD, SESSION, bounded, least_load, preference
 from gateway.routing.retries import RetryBudget
-from gateway.settings import Settings, upstream_spec
+from gateway.settings import Settings, parse_upstream
 from gateway.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("gateway.routing")
@@ -74,7 +74,7 @@ class Router:
         self.metrics = metrics
         self.engines = engines  # the scrape of each engine's /metrics, shared with the gateway's /metrics page
         sources = {s.url: s for s in engines.sources}
-        weights = dict(upstream_spec(spec) for spec in settings.upstream)
+        weights = {spec.url: spec.weight for spec in map(parse_upstream, settings.upstream)}
         # a view is stale after three missed reads (a read is at most the cache's age old, and may take the timeout)
         every = max(settings.engine_load_interval, settings.engine_metrics_max_age)
         stale = 3 * every + settings.engine_metrics_timeout
