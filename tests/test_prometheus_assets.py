@@ -46,6 +46,12 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         *_histogram("gateway_relay_seconds"),
         *_histogram("gateway_prompt_tokens"),
         *_histogram("gateway_completion_tokens"),
+        *_histogram("gateway_prefill_tokens_per_second"),
+        # long requests
+        "gateway_oldest_request_age_seconds",
+        "gateway_upstream_read_timeout_seconds",
+        "gateway_aborted_tokens_total",
+        "gateway_client_disconnects_total",
         # gateway gauges
         "gateway_requests_in_flight",
         "gateway_queue_depth",

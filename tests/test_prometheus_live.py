@@ -108,7 +108,7 @@ def _engine_busy(client: openai.OpenAI, sim: str) -> int:
 def _traffic(gateway: str, sim: str, generation: str) -> int:
     """Streamed and not, chat and completions, a repeated long prompt (prefix-cache hits), a few failures for
     the error panels and, in front of a 0.33 engine, its own 503; returns the requests sent."""
-    client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key=TENANT_KEY, max_retries=0)
     sent = 0
     try:
         for _ in range(2):
@@ -141,6 +141,24 @@ def _traffic(gateway: str, sim: str, generation: str) -> int:
     return sent
 
 
+# The gateway runs with keys, as the tenants panels need: Prometheus scrapes with the admin key, the
+# traffic comes from a tenant with limits (so its rate-limit series exist).
+ADMIN_KEY = "live-admin-key-0123456789"
+TENANT_KEY = "live-tenant-key-0123456789"
+KEYS_FILE = f"""
+[[key]]
+name = "prometheus"
+key = "{ADMIN_KEY}"
+admin = true
+
+[[key]]
+name = "tenant"
+key = "{TENANT_KEY}"
+requests_per_minute = 100000
+tokens_per_minute = 100000000
+"""
+
+
 def _prometheus_config(tmp: Path, gateway: str) -> Path:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -148,6 +166,7 @@ def _prometheus_config(tmp: Path, gateway: str) -> Path:
         "scrape_configs": [
             {
                 "job_name": "glm-gateway",
+                "authorization": {"credentials": ADMIN_KEY},
                 "static_configs": [{"targets": [gateway.removeprefix("http://")]}],
             }
         ],
@@ -182,7 +201,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             "--max-tokens-in-flight": str(TOKEN_BUDGET),
             "--health-interval": "0.5",
             "--log-level": "error",
+            "--keys-file": str(tmp / "keys.toml"),
         }
+        (tmp / "keys.toml").write_text(KEYS_FILE, encoding="utf-8")
         procs.append(Process("serve", *(x for pair in flags.items() for x in pair)))
         wait_http(gateway + "/health/ready")
         assert PROMETHEUS is not None
@@ -260,7 +281,8 @@ def _gpu_only(expr: str) -> bool:
 
 
 def _exposed(stack: Stack) -> set[str]:
-    with urllib.request.urlopen(stack.gateway + "/metrics", timeout=10) as r:
+    scrape = urllib.request.Request(stack.gateway + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(scrape, timeout=10) as r:
         return _exposed_names(r.read().decode())
 
 
