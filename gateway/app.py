@@ -24,6 +24,8 @@ from prometheus_client.process_collector import ProcessCollector
 from gateway import health
 from gateway.access.guard import Access
 from gateway.admission import Admission
+from gateway.errors import GatewayError
+from gateway.listener import ListenError, ListenerRunner, listen, make_runner, raise_open_files
 from gateway.metrics.engine import EngineCollector, EngineSource
 from gateway.metrics.gateway import GatewayMetrics
 from gateway.metrics.gpu import GpuCollector
@@ -162,21 +164,21 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
-
-
-def make_runner(app: web.Application, shutdown_timeout: float = 1.0) -> web.AppRunner:
-    """handler_cancellation: a client that leaves cancels its handler at once, which closes the
-    engine connection, which is how vLLM learns to abort (also during a silent prefill)."""
-    return web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
+_CUT_GRACE = 1.0  # seconds the requests cut at the drain deadline have to write their error
 
 
 async def serve(settings: Settings, announce: Callable[[str], None] | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain: not ready, 503 to new requests, in-flight ones finish."""
+    """Run until SIGTERM/SIGINT, then drain: not ready, 503 to new requests, in-flight ones finish.
+    Raises ``ListenError`` when the port cannot be opened."""
+    raise_open_files(settings.max_connections)
     gateway = Gateway(settings)
-    runner = make_runner(gateway.app())
+    runner = make_runner(gateway.app(), settings, gateway.metrics)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
-    await site.start()
+    try:
+        await listen(runner, settings.host, settings.port)
+    except ListenError:
+        await runner.cleanup()
+        raise
     url = f"http://{settings.host}:{settings.port}"
     log.info("glm-gateway listening on %s, upstreams %s", url, ", ".join(settings.upstream))
     if announce is not None:
@@ -185,7 +187,10 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
     return 0
 
 
-async def drain_on_signal(gateway: Gateway, runner: web.AppRunner) -> None:
+async def drain_on_signal(gateway: Gateway, runner: ListenerRunner) -> None:
+    """First signal: draining; bodies still arriving are answered 503 (not admitted, so nothing is lost).
+    At ``--drain-timeout`` or the second signal, each request still at an engine is cut there and then:
+    a stream ends with an error event and [DONE], a request waiting for its answer gets a 502."""
     loop = asyncio.get_running_loop()
     stop, hard = asyncio.Event(), asyncio.Event()
 
@@ -200,6 +205,11 @@ async def drain_on_signal(gateway: Gateway, runner: web.AppRunner) -> None:
     try:
         await stop.wait()
         gateway.proxy.draining = True
+        cut = runner.listener.cut_bodies(
+            GatewayError("draining", "The gateway is shutting down. Retry on another instance.", retry_after=1)
+        )
+        if cut:
+            log.info("draining: %d requests still sending their body answered 503", cut)
         timeout = gateway.settings.drain_timeout
         log.info("draining %d requests for up to %g s", gateway.proxy.active, timeout)
         waits = [asyncio.ensure_future(gateway.proxy.idle.wait()), asyncio.ensure_future(hard.wait())]
@@ -208,6 +218,10 @@ async def drain_on_signal(gateway: Gateway, runner: web.AppRunner) -> None:
             task.cancel()
         if gateway.proxy.active:
             log.warning("drain ended with %d requests still running: cutting them off", gateway.proxy.active)
+            gateway.proxy.client.abort("the gateway is shutting down")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CUT_GRACE):  # the cut streams write their last events
+                    await gateway.proxy.idle.wait()
         else:
             log.info("drained")
     finally:

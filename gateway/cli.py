@@ -15,6 +15,7 @@ import uvloop
 from gateway import __version__, logs
 from gateway.access import keys
 from gateway.app import serve
+from gateway.listener import ListenError
 from gateway.settings import Settings, SimSettings
 from gateway.sim.engine import SimEngine, bound_port
 from gateway.sim.engine import serve as serve_sim
@@ -114,7 +115,11 @@ async def _run_demo(ns: argparse.Namespace) -> int:
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
-    return uvloop.run(coro)
+    try:
+        return uvloop.run(coro)
+    except ListenError as exc:  # the port is taken: one line, exit 1, no traceback
+        print(f"glm-gateway: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,7 @@ class _Stale(EngineBrokeOff):
 class Origin:
     """Where one engine listens, and its idle keep-alive connections."""
 
-    __slots__ = ("authorization", "closed", "host", "host_header", "idle", "port", "prefix", "ssl", "sweep")
+    __slots__ = ("authorization", "closed", "host", "host_header", "idle", "open", "port", "prefix", "ssl", "sweep")
 
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
@@ -81,6 +81,7 @@ class Origin:
             self.authorization = "Basic " + base64.b64encode(userinfo.encode()).decode()
         # an ordered set: least recently used first, popitem() takes the most recent, removal is O(1)
         self.idle: dict[EngineConnection, None] = {}
+        self.open: set[EngineConnection] = set()  # idle or carrying an answer
         self.sweep: asyncio.TimerHandle | None = None  # closes idle connections as they expire
         self.closed = False
 
@@ -171,6 +172,7 @@ class EngineConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.origin.open.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self._complete:  # bytes after the answer (or while idle): not HTTP/1.1 as we spoke it
@@ -201,6 +203,7 @@ class EngineConnection(asyncio.Protocol):
             return
         self._disarm()
         self.origin.idle.pop(self, None)
+        self.origin.open.discard(self)
         if self._complete or self._error is not None:
             self._wake()
         elif exc is None and self._headers_done and self.content_length is None and not self._chunked():
@@ -449,6 +452,12 @@ class EngineClient:
                 raise GatewayExhausted(exc.strerror or str(exc)) from None
             raise EngineUnreachable(f"{exc.__class__.__name__}: {exc}") from None
         return conn
+
+    def abort(self, reason: str) -> None:
+        """Fail every answer in progress with ``reason`` (the drain's deadline): each request's relay ends it."""
+        for origin in self._origins.values():
+            for conn in [c for c in origin.open if c not in origin.idle]:
+                conn._fail(EngineBrokeOff(reason))
 
     def close(self) -> None:
         for origin in self._origins.values():

@@ -65,6 +65,6 @@ class GatewayError(Exception):
         if self.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         response = web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
-        if self.status == 413:
+        if self.status in (408, 413):
             response.force_close()  # the rest of the body is never read: do not wait for it
         return response

@@ -104,7 +104,7 @@ async def start_gateway(upstreams: list[str], *, wait_ready: bool = True, **over
     options = {"host": "127.0.0.1", "port": 0, "upstream": upstreams, **FAST_GATEWAY, **overrides}
     settings = Settings(**options)
     gateway = Gateway(settings)
-    runner = make_runner(gateway.app(), shutdown_timeout=0.5)
+    runner = make_runner(gateway.app(), settings, gateway.metrics, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     gw = Gw(gateway, runner, f"http://127.0.0.1:{bound_port(runner)}")

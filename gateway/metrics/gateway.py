@@ -217,6 +217,16 @@ class GatewayMetrics:
             registry=registry,
         )
         self.draining = Gauge("gateway_draining", "1 while the gateway drains before exit.", registry=registry)
+        self.client_connections = Gauge(
+            "gateway_client_connections", "Client connections open (--max-connections caps them).", registry=registry
+        )
+        self.client_connections_closed = Counter(
+            "gateway_client_connections_closed",
+            "Client connections the gateway closed itself, by reason: header_timeout, body_timeout, "
+            "max_connections (refused at accept), bad_version.",
+            ("reason",),
+            registry=registry,
+        )
         Gauge("gateway_build_info", "Build information; always 1.", ("version",), registry=registry).labels(
             __version__
         ).set(1)
