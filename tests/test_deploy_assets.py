@@ -172,6 +172,12 @@ def test_k8s_manifests_use_the_pinned_images() -> None:
             assert image in pinned, f"{name}: {image}, but deploy/.env pins {repositories[image.rpartition(':')[0]]}"
 
 
+def test_readme_names_the_pinned_images() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for image in _images().values():
+        assert f"`{image}`" in readme, f"README does not say that deploy/.env pins {image}"
+
+
 # ---- docker compose
 
 
@@ -398,3 +404,16 @@ def test_dashboard_variables_and_datasource() -> None:
     fragments = ("KV cache", "Time to first token", "Queue depth", "GPU memory", "Host memory", "Upstream up")
     for fragment in fragments:
         assert any(fragment in t for t in titles), fragment
+
+
+def test_dashboard_panels_have_unique_ids_and_do_not_overlap() -> None:
+    panels = json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    taken: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        for cell in ((x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])):
+            assert cell not in taken, f"{panel['title']!r} overlaps {taken[cell]!r}"
+            taken[cell] = panel["title"]
