@@ -108,9 +108,6 @@ class EngineState:
             return None
         return self.load
 
-    def source_name(self, now: float) -> str:
-        return ENGINE if self.view(now) is not None else GATEWAY
-
     def requests(self, now: float) -> int:
         """Requests at the engine: its own count (other gateways send to it too), or ours when higher."""
         view = self.view(now)
