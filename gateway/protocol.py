@@ -34,6 +34,7 @@ class Generation:
     strip_usage: bool  # the gateway asked for the usage chunk; the client did not
     session: bytes | None = None  # the OpenAI ``user`` field: session routing's key without a session header
     prefix: bytes | None = None  # a digest of the leading content: prefix routing's key
+    limit_field: str = "max_tokens"  # the field max_tokens came from (max_completion_tokens on chat)
 
     def output_budget(self, context_window: int) -> int:
         """The output tokens to charge: max_tokens clamped to what fits, as vLLM 0.33 clamps it; without
@@ -130,7 +131,7 @@ def parse_generation(path: str, raw: bytes | bytearray, *, glm_stops: Callable[[
             if fields is None:
                 fields = _SPLICED[tuple(added)] = json.dumps(added, separators=(",", ":"))[1:-1].encode()
             body = b"".join((b"{", fields, b",", memoryview(raw)[start:]))
-    return Generation(body, model, bool(stream), estimate, max_tokens, strip_usage, session, prefix)
+    return Generation(body, model, bool(stream), estimate, max_tokens, strip_usage, session, prefix, limit_field)
 
 
 def _max_tokens(path: str, obj: dict[str, Any]) -> tuple[str, int | None]:
@@ -194,8 +195,8 @@ def context_error(context_window: int, gen: Generation) -> GatewayError | None:
     if gen.max_tokens is not None and gen.max_tokens > context_window:
         return GatewayError(
             "context_exceeded",
-            f"max_tokens={gen.max_tokens} cannot be greater than max_model_len={context_window}. Please request "
-            "fewer output tokens.",
-            param="max_tokens",
+            f"{gen.limit_field}={gen.max_tokens} cannot be greater than max_model_len={context_window}. Please "
+            "request fewer output tokens.",
+            param=gen.limit_field,
         )
     return None

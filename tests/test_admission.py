@@ -198,9 +198,9 @@ async def test_max_tokens_over_the_whole_window_is_refused(stack: contextlib.Asy
     for limit in ("max_tokens", "max_completion_tokens"):
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(model=MODEL, messages=HELLO, **{limit: 101})  # type: ignore[call-overload]
-        error = error_body(caught.value.response.json(), code=400, type="BadRequestError", param="max_tokens")
+        error = error_body(caught.value.response.json(), code=400, type="BadRequestError", param=limit)
         assert error["message"] == (
-            "max_tokens=101 cannot be greater than max_model_len=100. Please request fewer output tokens."
+            f"{limit}=101 cannot be greater than max_model_len=100. Please request fewer output tokens."
         )
     text = await gw.metrics()
     assert value(text, "gateway_request_errors_total", model=MODEL, error_type="context_exceeded") == 2

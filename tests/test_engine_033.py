@@ -72,8 +72,8 @@ async def test_chat_reads_max_completion_tokens_before_max_tokens(stack: context
     small = await gateway_in(stack, [sim.url], context_window=100)
     status, _, raw = await post(small.url + CHAT, json_body=chat(max_tokens=1, max_completion_tokens=101))
     assert status == 400
-    error = error_body(json.loads(raw), code=400, type="BadRequestError", param="max_tokens")
-    assert error["message"].startswith("max_tokens=101 cannot be greater than max_model_len=100.")
+    error = error_body(json.loads(raw), code=400, type="BadRequestError", param="max_completion_tokens")
+    assert error["message"].startswith("max_completion_tokens=101 cannot be greater than max_model_len=100.")
     text = await gw.metrics()
     assert value(text, "gateway_request_errors_total", error_type="tokens_budget") == 1
     await settled(gw, sim)
