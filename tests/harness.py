@@ -98,6 +98,8 @@ class Gw:
         assert gw.admission.tokens_in_flight == 0
         assert gw.proxy.active == 0
         assert all(u.in_flight == 0 for u in gw.pool.upstreams)
+        assert all(s.tokens == 0 for s in gw.router.states.values())  # no KV tokens held at an engine
+        assert gw.router.waiting == 0
 
 
 async def start_gateway(upstreams: list[str], *, wait_ready: bool = True, **overrides: Any) -> Gw:

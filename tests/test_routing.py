@@ -308,7 +308,7 @@ async def test_an_engine_without_metrics_is_routed_by_the_gateway_s_own_counts(
 ) -> None:
     silent, talking = await sim_in(stack), await sim_in(stack)
     await silent.faults(metrics_delay=3600)  # its /metrics never answers, as an OpenAI server without one
-    gw = await gateway_in(stack, [silent.url, talking.url], engine_metrics_timeout=0.2, **LOADS)
+    gw = await gateway_in(stack, [silent.url, talking.url], engine_metrics_timeout=0.5, **LOADS)
     await wait_for(lambda: all(u.up for u in gw.gateway.pool.upstreams), "both engines up")
     await wait_for(lambda: known_except(gw, 0), "the talking engine's KV capacity")
     _, _, body = await fetch("GET", gw.url + "/status")
@@ -330,3 +330,23 @@ def known_except(gw: Gw, index: int) -> bool:
     now = time.monotonic()
     states = list(gw.gateway.router.states.values())
     return all(s.capacity(now) for i, s in enumerate(states) if i != index)
+
+
+async def test_a_request_waiting_for_kv_room_times_out_like_any_queued_one(stack: contextlib.AsyncExitStack) -> None:
+    sim = await sim_in(stack, kv_cache_tokens=16000)
+    gw = await gateway_in(stack, [sim.url], queue_timeout=0.5, **LOADS)
+    await wait_for(lambda: known(gw), "the engine's KV capacity")
+    client = await client_in(stack, gw)
+    await sim.faults(latency=3600)
+    held = asyncio.create_task(client.completions.create(model=MODEL, prompt=list(range(10000)), max_tokens=10))
+    await wait_for(lambda: sim.journal, "the first request at the engine")
+    status, headers, body = await post(
+        gw.url + "/v1/completions", json_body={"model": MODEL, "prompt": list(range(10000)), "max_tokens": 10}
+    )
+    assert status == 503 and headers["Retry-After"] == "1"
+    error_body(json.loads(body), code="queue_timeout", type="server_error")
+    assert len(sim.journal) == 1 and gw.gateway.router.waiting == 0
+    assert value(await gw.metrics(), "gateway_request_errors_total", error_type="queue_timeout") == 1
+    await sim.faults(latency=0)
+    await cancel(held)
+    await settled(gw, sim)  # no token left held at the engine, no waiter left

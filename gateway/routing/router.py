@@ -75,9 +75,10 @@ class Router:
         self.engines = engines  # the scrape of each engine's /metrics, shared with the gateway's /metrics page
         sources = {s.url: s for s in engines.sources}
         weights = {spec.url: spec.weight for spec in map(parse_upstream, settings.upstream)}
-        # a view is stale after three missed reads (a read is at most the cache's age old, and may take the timeout)
+        # a view is stale after three missed reads: a round of reads waits for the slowest engine (up to the
+        # timeout) and a read may serve the cache, up to its age
         every = max(settings.engine_load_interval, settings.engine_metrics_max_age)
-        stale = 3 * every + settings.engine_metrics_timeout
+        stale = 3 * (every + settings.engine_metrics_timeout)
         self.states = {
             u: EngineState(
                 u, sources.get(u.url), Breaker(u.name, settings.breaker_failures, settings.breaker_cooldown),
