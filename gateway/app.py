@@ -23,13 +23,15 @@ from prometheus_client.process_collector import ProcessCollector
 
 from gateway import health
 from gateway.access.guard import Access
+from gateway.accesslog import AccessLog
 from gateway.admission import Admission
-from gateway.errors import GatewayError
+from gateway.errors import SERVER, GatewayError
 from gateway.listener import ListenError, ListenerRunner, listen, make_runner, raise_open_files
 from gateway.metrics.engine import EngineCollector, EngineSource
 from gateway.metrics.gateway import GatewayMetrics
 from gateway.metrics.gpu import GpuCollector
 from gateway.metrics.host import HostCollector
+from gateway.models import ModelList
 from gateway.proxy import ENDPOINTS, Proxy
 from gateway.routing.router import Router
 from gateway.settings import Settings
@@ -58,7 +60,7 @@ class Gateway:
         )
         self.pool = UpstreamPool(settings.upstream, settings.health_fail_threshold, settings.health_success_threshold)
         self.engines = EngineCollector(
-            EngineSource(u.url, settings.engine_metrics_timeout, settings.engine_metrics_max_age)
+            EngineSource(u.url, settings.engine_metrics_timeout, settings.engine_metrics_max_age, u.name)
             for u in self.pool.upstreams
         )
         self.router = Router(settings, self.pool, self.engines, self.metrics)
@@ -73,6 +75,10 @@ class Gateway:
             self.registry.register(collector)
         self._state_gauges()
         self.health = health.HealthChecker(self)
+        self.proxy.on_finish.append(self.health.count)
+        self.access_log = AccessLog(settings.access_log) if settings.access_log != "off" else None
+        if self.access_log is not None:
+            self.proxy.on_finish.append(self.access_log)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -95,8 +101,8 @@ class Gateway:
             (m.oldest_age.labels("forwarded"), lambda: self.proxy.oldest_age("forwarded")),
         ]
         for upstream in self.pool.upstreams:
-            readings.append((m.upstream_up.labels(upstream.url), lambda u=upstream: u.up))
-            readings.append((m.upstream_in_flight.labels(upstream.url), lambda u=upstream: u.in_flight))
+            readings.append((m.upstream_up.labels(upstream.name), lambda u=upstream: u.up))
+            readings.append((m.upstream_in_flight.labels(upstream.name), lambda u=upstream: u.in_flight))
         for gauge, read in readings:
             gauge.set_function(read)  # type: ignore[attr-defined]
 
@@ -127,6 +133,9 @@ class Gateway:
         app = web.Application(client_max_size=self.settings.max_body_bytes)
         app[GATEWAY] = self
         app.cleanup_ctx.append(self.lifecycle)
+        app.on_response_prepare.append(_server_header)
+        if self.access_log is not None:
+            app.cleanup_ctx.append(self.access_log.lifecycle)
         handle = self.proxy.handle
         probes, admin = self._routes()
         app.router.add_routes(probes)
@@ -137,8 +146,9 @@ class Gateway:
         if self.access is not None:
             app.cleanup_ctx.append(self.access.lifecycle)
             app.on_response_prepare.append(self.access.add_headers)
-        for path in ENDPOINTS:  # the OpenAI routes, and vLLM's own outside /v1: found by one dict lookup
-            app.router.add_route("*", path, handle)
+        handlers = {path: handle for path in ENDPOINTS} | {"/v1/models": ModelList(self.proxy, self.pool).handle}
+        for path, handler in handlers.items():  # the OpenAI routes, and vLLM's own outside /v1: one dict lookup
+            app.router.add_route("*", path, handler)
         app.router.add_route("*", "/v1/{tail:.*}", handle)  # any other /v1 route the engine may have
         app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
         return app
@@ -155,6 +165,7 @@ class Gateway:
     async def _admin_listener(self, routes: list[web.RouteDef]) -> AsyncIterator[None]:
         """--metrics-port: /metrics and /status on their own listener, which operators keep in the cluster."""
         app = web.Application()
+        app.on_response_prepare.append(_server_header)
         app.router.add_routes(routes)
         runner = make_runner(app)
         await runner.setup()
@@ -164,6 +175,13 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``Server: glm-gateway`` on every answer, the engine's included: no versions to fingerprint."""
+    response.headers["Server"] = SERVER
+
+
 _CUT_GRACE = 1.0  # seconds the requests cut at the drain deadline have to write their error
 
 
@@ -180,7 +198,7 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
         await runner.cleanup()
         raise
     url = f"http://{settings.host}:{settings.port}"
-    log.info("glm-gateway listening on %s, upstreams %s", url, ", ".join(settings.upstream))
+    log.info("glm-gateway listening on %s, upstreams %s", url, ", ".join(u.name for u in gateway.pool.upstreams))
     if announce is not None:
         announce(url)
     await drain_on_signal(gateway, runner)

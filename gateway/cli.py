@@ -37,7 +37,8 @@ Try it:
   curl -sN {gw}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
 
-  python -c "
+  {python} -m pip install -q openai    # once: the openai client is not one of the gateway's needs
+  {python} -c "
 from openai import OpenAI
 client = OpenAI(base_url='{gw}/v1', api_key='unused')
 print(client.chat.completions.create(model='{model}',
@@ -47,7 +48,12 @@ for chunk in client.chat.completions.create(model='{model}',
     print(chunk.choices[0].delta.content or '', end='', flush=True)
 print()"
 
-Ctrl-C stops both.
+Make the engine fail a fifth of its requests with 503 (faults: README, glm-gateway sim), then heal it:
+
+  curl -s {sim}/admin/faults -d '{{"error_rate": 0.2, "error_status": 503}}'
+  curl -s -X POST {sim}/admin/reset
+
+One line per request is written below (the access log). Ctrl-C stops both.
 """
 
 
@@ -105,7 +111,7 @@ async def _run_demo(ns: argparse.Namespace) -> int:
     )
 
     def announce(url: str) -> None:
-        print(DEMO_TEXT.format(gw=url, sim=sim_url, model=sim_settings.model), flush=True)
+        print(DEMO_TEXT.format(gw=url, sim=sim_url, model=sim_settings.model, python=sys.executable), flush=True)
 
     try:
         return await serve(settings, announce)
@@ -122,6 +128,12 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return 1
 
 
+def _refused(command: str, exc: ValueError) -> int:
+    """Settings that break a rule: one line naming the flag or the variable and the value, exit 2."""
+    print(f"glm-gateway {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(argv)
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             settings = Settings.from_namespace(ns)
         except ValueError as exc:
-            parser.error(str(exc))
+            return _refused("serve", exc)
         logs.configure(settings.log_format, settings.log_level)
         return _run(serve(settings))
     if ns.command == "keys":
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sim_settings = SimSettings.from_namespace(ns)
         except ValueError as exc:
-            parser.error(str(exc))
+            return _refused("sim", exc)
         logs.configure("text", sim_settings.log_level)
         return _run(_run_sim(sim_settings))
     logs.configure("text", "warning")

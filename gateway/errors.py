@@ -17,6 +17,7 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "tokens_budget": (400, "invalid_request_error"),
     "kv_capacity": (400, "invalid_request_error"),  # larger than any engine's KV cache (capacity x headroom)
     "not_found": (404, "invalid_request_error"),
+    "model_not_found": (404, "NotFoundError"),  # no engine serves the model named: vLLM's own 404
     "invalid_api_key": (401, "invalid_request_error"),  # missing or unknown key, with WWW-Authenticate: Bearer
     "model_not_allowed": (403, "permission_error"),  # the key's models list does not name it
     "admin_only": (403, "permission_error"),  # /metrics and /status with a key that is not admin
@@ -37,6 +38,8 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
 }
 
 REQUEST_ID = "X-Request-Id"
+SERVER = "glm-gateway"  # the Server header of every answer: no versions (as nginx's server_tokens off)
+_STATUS_CODE = frozenset(("context_exceeded", "model_not_found"))  # vLLM's errors carry the status as code
 
 
 class GatewayError(Exception):
@@ -53,10 +56,10 @@ class GatewayError(Exception):
         self.retry_after = retry_after
 
     def body(self) -> bytes:
-        # vLLM's own 400 for an over-long prompt carries the integer status as code; clients parse it so.
-        code: str | int = self.status if self.error_type == "context_exceeded" else self.error_type
+        # vLLM's own 400 for an over-long prompt and 404 for an unknown model carry the integer status as code
+        code: str | int = self.status if self.error_type in _STATUS_CODE else self.error_type
         error = {"message": self.message, "type": self.openai_type, "param": self.param, "code": code}
-        return json.dumps({"error": error}).encode()
+        return json.dumps({"error": error}).encode() + b"\n"
 
     def response(self, request_id: str) -> web.Response:
         headers = {REQUEST_ID: request_id}

@@ -1,8 +1,9 @@
-"""Liveness, readiness with reasons, the seed's /health JSON, /status, and the engines' health checks."""
+"""Liveness, readiness with reasons, the /health JSON, /status, and the engines' health checks."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway import __version__
+from gateway.errors import ERROR_TYPES
+from gateway.exchange import Exchange
 from gateway.proxy import DEFAULT_CONTEXT_WINDOW
 from gateway.upstreams import Upstream
 
@@ -26,6 +29,8 @@ class HealthChecker:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.gpu_faults: list[str] = []
+        self.requests = 0
+        self.failed = 0  # answered 5xx, by the engine or the gateway
         s = gateway.settings
         self.timeout = aiohttp.ClientTimeout(total=s.health_timeout)
 
@@ -47,31 +52,39 @@ class HealthChecker:
             async with session.get(upstream.url + "/health", timeout=self.timeout) as resp:
                 await resp.read()
                 if resp.status != 200:
-                    raise RuntimeError(f"/health answered {resp.status}")
+                    raise _Unhealthy(f"its /health answered {resp.status}")
             async with session.get(upstream.url + "/v1/models", timeout=self.timeout) as resp:
                 if resp.status != 200:
-                    raise RuntimeError(f"/v1/models answered {resp.status}")
-                cards = (await resp.json()).get("data") or []
-            models = {
-                c["id"]: int(c.get("max_model_len") or DEFAULT_CONTEXT_WINDOW)
-                for c in cards
-                if isinstance(c, dict) and "id" in c
-            }
+                    raise _Unhealthy(f"its /v1/models answered {resp.status}")
+                cards = [c for c in (await resp.json()).get("data") or [] if isinstance(c, dict) and "id" in c]
+            models = {str(c["id"]): int(c.get("max_model_len") or DEFAULT_CONTEXT_WINDOW) for c in cards}
             if not models:
-                raise RuntimeError("serves no model")
-        except (
-            aiohttp.ClientError,
-            TimeoutError,
-            RuntimeError,
-            ValueError,
-            KeyError,
-            TypeError,
-            AttributeError,
-        ) as exc:
-            self.gw.pool.record_check(upstream, f"{exc.__class__.__name__}: {exc}".rstrip(": "), None)
+                raise _Unhealthy("it serves no model")
+        except _Unhealthy as exc:
+            self.gw.pool.record_check(upstream, str(exc), None)
             return
+        except aiohttp.ClientConnectorError as exc:
+            self.gw.pool.record_check(upstream, f"cannot connect ({exc.os_error.strerror or exc.os_error})", None)
+            return
+        except aiohttp.ClientError as exc:
+            self.gw.pool.record_check(upstream, f"the connection failed ({exc or exc.__class__.__name__})", None)
+            return
+        except TimeoutError:
+            self.gw.pool.record_check(upstream, f"no answer within {self.timeout.total:g} s", None)
+            return
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.gw.pool.record_check(upstream, "its /v1/models answered what is not a list of models", None)
+            return
+        upstream.cards = cards  # GET /v1/models answers them as the engine sent them
         self.gw.pool.record_check(upstream, None, models)
         self.gw.metrics.declare(models)
+
+    def count(self, ex: Exchange) -> None:
+        """Every finished request, for /health's success rate: only what the service failed counts against it
+        (a 5xx, or a stream that broke off after its 200), not the client's mistakes (4xx) nor clients that left."""
+        self.requests += 1
+        if ex.status >= 500 or (ex.error_type is not None and ERROR_TYPES[ex.error_type][0] >= 500):
+            self.failed += 1
 
     def reasons(self) -> list[str]:
         """Why the gateway is not ready; empty when it is."""
@@ -79,29 +92,36 @@ class HealthChecker:
         if self.gw.proxy.draining:
             out.append("draining: the gateway is shutting down")
         if not self.gw.pool.any_up:
-            out.extend(f"upstream {u.url} is down: {u.last_error or 'not checked yet'}" for u in self.gw.pool.upstreams)
+            for u in self.gw.pool.upstreams:
+                out.append(f"upstream {u.name} is down: {u.last_error or 'not checked yet'}")
         out.extend(self.gpu_faults)
         return out
 
 
-def _json(body: dict[str, Any], ready: bool) -> web.Response:
-    return web.json_response(body, status=200 if ready else 503)
+class _Unhealthy(Exception):
+    """An engine's check answered, but not as a ready engine does."""
+
+
+def _json(body: dict[str, Any], status: int = 200, indent: int | None = None) -> web.Response:
+    """JSON ending with a newline (``curl a; curl b`` stays readable); indented for pages people read."""
+    return web.Response(text=json.dumps(body, indent=indent) + "\n", status=status, content_type="application/json")
 
 
 async def live(request: web.Request) -> web.Response:
     """200 while the event loop answers; never asks the engine (a busy engine must not restart us)."""
-    return web.json_response({"status": "alive"})
+    return _json({"status": "alive"})
 
 
 def handlers(gw: Gateway) -> list[web.RouteDef]:
     async def ready(request: web.Request) -> web.Response:
         reasons = gw.health.reasons()
-        return _json({"status": "ready" if not reasons else "not ready", "reasons": reasons}, not reasons)
+        return _json({"status": "ready" if not reasons else "not ready", "reasons": reasons}, 503 if reasons else 200)
 
     async def health(request: web.Request) -> web.Response:
-        """The seed tutorial's JSON, plus upstream states; status code as readiness."""
+        """The JSON of the monitoring tutorial for GLM-4-9B-Chat-1M, plus upstream states; status code as
+        readiness.  ``failed`` and ``success_rate`` count what the service failed (5xx), not client errors."""
         reasons = gw.health.reasons()
-        total, failed = gw.proxy.requests_total, gw.proxy.requests_failed
+        total, failed = gw.health.requests, gw.health.failed
         body = {
             "status": "healthy" if not reasons else "unhealthy",
             "reasons": reasons,
@@ -118,7 +138,7 @@ def handlers(gw: Gateway) -> list[web.RouteDef]:
             },
             "upstreams": [u.public() for u in gw.pool.upstreams],
         }
-        return _json(body, not reasons)
+        return _json(body, 503 if reasons else 200, indent=2)
 
     async def status(request: web.Request) -> web.Response:
         """A detailed view for people: settings, upstreams, queue and budget, GPUs, host."""
@@ -137,7 +157,7 @@ def handlers(gw: Gateway) -> list[web.RouteDef]:
             "gpus": gw.gpu.snapshot(),
             "host": gw.host.snapshot(),
         }
-        return web.json_response(body)
+        return _json(body, indent=2)
 
     return [
         web.get("/health/live", live),

@@ -141,16 +141,17 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The handler of proxied routes."""
-        return await self._serve(request, self._handle)
+        return await self.serve(request, self._handle)
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
         """The handler of every other path: counted and answered like any gateway-made error."""
-        return await self._serve(request, self._not_found)
+        return await self.serve(request, self._not_found)
 
     async def _not_found(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         raise GatewayError("not_found", f"Not found: {request.method} {request.path}")
 
-    async def _serve(self, request: web.Request, inner: _Inner) -> web.StreamResponse:
+    async def serve(self, request: web.Request, inner: _Inner) -> web.StreamResponse:
+        """Run ``inner`` as one request: timed, its errors answered as JSON, recorded (metrics, access log)."""
         ex = Exchange(
             perf_counter(), ENDPOINTS.get(request.path, "other"), request_id(request), request.method,
             request.path, request.remote or "",

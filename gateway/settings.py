@@ -6,9 +6,11 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Self
+from urllib.parse import urlsplit, urlunsplit
 
 from gateway.access import keys
 
@@ -26,47 +28,121 @@ def option(
     return field(default=default, metadata=meta)
 
 
-def upstream_spec(text: str) -> tuple[str, float]:
-    """An ``--upstream`` value, ``URL`` or ``URL;weight=W``: the engine's base URL and its routing weight."""
-    url, _, options = text.partition(";")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One ``--upstream``: where the gateway connects (credentials included), how it is shown, its weight."""
+
+    url: str
+    name: str  # in logs, labels, /status and errors: the given NAME, else the URL without credentials
+    weight: float = 1.0
+    stripped_v1: bool = False  # the OpenAI-style base URL's /v1 was removed (the gateway adds the paths)
+
+
+def redact(url: str) -> str:
+    """The URL without its userinfo, query and fragment: what may be shown of an engine's address."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def parse_upstream(text: str) -> UpstreamSpec:
+    """``[NAME=]URL[;weight=W]``; raises ValueError saying what is wrong (never showing credentials)."""
+    spec, _, options = text.strip().partition(";")
+    head, equals, rest = spec.partition("=")
+    name = ""
+    if equals and "://" not in head:  # NAME=URL; a URL's own "=" can only come after its scheme
+        name, spec = head.strip(), rest.strip()
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"the name {name!r} is not letters, digits, '.', '-' and '_'")
     weight = 1.0
     for item in filter(None, (o.strip() for o in options.split(";"))):
-        name, _, number = item.partition("=")
-        if name.strip() != "weight":
-            raise ValueError(f"unknown upstream option {name.strip()!r}")
-        weight = float(number)
+        option_name, _, number = item.partition("=")
+        if option_name.strip() != "weight":
+            raise ValueError(f"{option_name.strip()!r} is not an upstream option (only weight=W)")
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = 0.0
         if not 0 < weight < float("inf"):
-            raise ValueError(f"weight must be more than 0, got {number}")
-    return url.strip().rstrip("/"), weight
-
-
-def _valid_upstream(text: str) -> bool:
+            raise ValueError(f"weight must be a number more than 0, got {number!r}")
+    parts = urlsplit(spec)
+    shown = redact(spec)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{shown!r} is not an http:// or https:// URL")
     try:
-        url, _ = upstream_spec(text)
+        parts.port  # noqa: B018 -- raises on a port that is not a number up to 65535
     except ValueError:
-        return False
-    return url.startswith(("http://", "https://"))
+        raise ValueError(f"{shown!r} has no valid port") from None
+    if not parts.hostname:
+        raise ValueError(f"{shown!r} has no host")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{shown!r} has a ?query or #fragment, which the gateway would not send")
+    url = spec.rstrip("/")
+    stripped_v1 = url.endswith("/v1")
+    if stripped_v1:
+        url = url.removesuffix("/v1")
+    return UpstreamSpec(url, name or redact(url), weight, stripped_v1)
 
 
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+def upstream_spec(text: str) -> tuple[str, float]:
+    """An ``--upstream`` value's base URL and routing weight."""
+    spec = parse_upstream(text)
+    return spec.url, spec.weight
+
+
+def _shown(text: str) -> str:
+    """An ``--upstream`` value as /status shows it: its name, its URL without credentials, its weight."""
+    spec = parse_upstream(text)
+    shown = redact(spec.url) if spec.name == redact(spec.url) else f"{spec.name}={redact(spec.url)}"
+    return shown if spec.weight == 1 else f"{shown};weight={spec.weight:g}"
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """Options that break a rule, each (field name, rule); ``str`` names each by its flag."""
+
+    def __init__(self, problems: list[tuple[str, str]], others: list[str]) -> None:
+        self.problems, self.others = problems, others
+        super().__init__("; ".join([*(f"--{_flag(n)} must be {r}" for n, r in problems), *others]))
+
+    def naming(self, sources: Mapping[str, tuple[str, str]], secret: set[str]) -> str:
+        """The message with each value named where it came from (the flag or the variable) and shown (a list's
+        rule names the bad item itself)."""
+        out = []
+        for name, rule in self.problems:
+            source, raw = sources.get(name, (f"--{_flag(name)}", ""))
+            shown = "" if name in secret or not raw else f" (got {raw!r})"
+            out.append(f"{source} must be {rule}{shown}")
+        return "; ".join([*out, *self.others])
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def refuse(rules: Iterable[tuple[str, bool, str]], others: Iterable[str] = ()) -> None:
+    """Raise SettingsError for every (field name, holds, rule) that does not hold, and every other problem."""
+    problems = [(name, rule) for name, ok, rule in rules if not ok]
+    others = list(others)
+    if problems or others:
+        raise SettingsError(problems, others)
 
 
 class _Repeat(argparse.Action):
-    """Like ``append``, but values on the command line replace the default instead of adding to it."""
+    """Like ``append``, and a comma-separated value counts as several (as in the environment)."""
 
     def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: Any, opt: Any = None) -> None:
-        current = getattr(ns, self.dest)
-        setattr(ns, self.dest, [value] if current is self.default else [*current, value])
+        current = getattr(ns, self.dest) or []
+        setattr(ns, self.dest, [*current, *(v.strip() for v in value.split(",") if v.strip())])
 
 
 class _Options:
-    """Mixin: build an argparse parser from the dataclass fields and read the environment."""
+    """Mixin: build an argparse parser from the dataclass fields, then read the environment for what the
+    command line did not set, naming the flag or the variable in every error."""
 
     ENV_PREFIX = "GATEWAY_"
 
@@ -74,51 +150,86 @@ class _Options:
     def env_name(cls, name: str) -> str:
         return cls.ENV_PREFIX + name.upper()
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, env: Mapping[str, str] = os.environ) -> None:
-        for f in fields(cls):  # type: ignore[arg-type]
-            meta = f.metadata
-            flag = "--" + f.name.replace("_", "-")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            env_name = cls.env_name(f.name)
-            help_text = f"{meta['help']} (env {env_name}; default: %(default)s)"
-            if isinstance(default, bool):
-                value = _parse_bool(env[env_name]) if env_name in env else default
-                parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=help_text)
-                continue
-            kind = (type(default[0]) if default else str) if isinstance(default, list) else type(default)
-            if meta["repeat"]:
-                value = [v.strip() for v in env[env_name].split(",") if v.strip()] if env_name in env else default
-                parser.add_argument(
-                    flag,
-                    action=_Repeat,
-                    type=kind,
-                    dest=f.name,
-                    default=value,
-                    help=f"{meta['help']}; repeat for several (env {env_name}, comma-separated; "
-                    f"default: {','.join(map(str, default))})",
-                )
-                continue
-            value = default
-            if env_name in env:
-                try:
-                    value = kind(env[env_name])
-                except ValueError:
-                    parser.error(f"{env_name}={env[env_name]!r} is not a valid {kind.__name__}")
-            parser.add_argument(flag, type=kind, default=value, choices=meta["choices"], help=help_text)
+    @staticmethod
+    def _default(f: dataclasses.Field[Any]) -> Any:
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
     @classmethod
-    def from_namespace(cls, ns: argparse.Namespace) -> Self:
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field; every flag defaults to None, so what the command line set is known."""
+        for f in fields(cls):  # type: ignore[arg-type]
+            meta = f.metadata
+            flag = "--" + _flag(f.name)
+            default = cls._default(f)
+            env_name = cls.env_name(f.name)
+            if isinstance(default, list):
+                shown, more = ",".join(map(str, default)), f"; repeat or comma-separate for several (env {env_name}"
+                help_text = f"{meta['help']}{more}, comma-separated; default: {shown or '(none)'})"
+            else:
+                help_text = f"{meta['help']} (env {env_name}; default: {default})"
+            help_text = help_text.replace("%", "%%")
+            if isinstance(default, bool):
+                parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            elif isinstance(default, list):
+                parser.add_argument(flag, action=_Repeat, dest=f.name, default=None, help=help_text)
+            elif meta["choices"]:
+                parser.add_argument(flag, type=str.lower, default=None, choices=meta["choices"], help=help_text)
+            else:
+                parser.add_argument(flag, type=type(default), default=None, help=help_text)
+
+    @classmethod
+    def _from_env(cls, f: dataclasses.Field[Any], raw: str) -> Any:
+        """A variable's text as the field's value; ValueError naming the variable and its value."""
+        default, choices, env_name = cls._default(f), f.metadata["choices"], cls.env_name(f.name)
+        if isinstance(default, bool):
+            if raw.strip().lower() in _TRUE + _FALSE:
+                return raw.strip().lower() in _TRUE
+            raise ValueError(f"{env_name}={raw!r} is not a boolean: use true or false (or yes/no, on/off, 1/0)")
+        if isinstance(default, list):
+            return [v.strip() for v in raw.split(",") if v.strip()]
+        if choices:
+            if raw.strip().lower() in choices:
+                return raw.strip().lower()
+            raise ValueError(f"{env_name}={raw!r} is not one of: {', '.join(choices)}")
+        try:
+            return type(default)(raw)
+        except ValueError:
+            raise ValueError(f"{env_name}={raw!r} is not a valid {type(default).__name__}") from None
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Self:
+        """The settings from the command line, else the environment, else the defaults.  Raises ValueError
+        naming the flag or the variable each bad value came from, and the value (never a secret's)."""
+        values: dict[str, Any] = {}
+        sources: dict[str, tuple[str, str]] = {}
+        errors = []
+        for f in fields(cls):  # type: ignore[arg-type]
+            given, env_name = getattr(ns, f.name), cls.env_name(f.name)
+            if given is not None:
+                values[f.name] = given
+                sources[f.name] = (f"--{_flag(f.name)}", "" if isinstance(given, list) else str(given))
+            elif env_name in env:
+                try:
+                    values[f.name] = cls._from_env(f, env[env_name])
+                except ValueError as exc:
+                    errors.append(str(exc))
+                sources[f.name] = (env_name, "" if isinstance(cls._default(f), list) else env[env_name])
+        if errors:
+            raise ValueError("; ".join(errors))
+        try:
+            return cls(**values)
+        except SettingsError as exc:
+            secret = {f.name for f in fields(cls) if f.metadata["secret"]}  # type: ignore[arg-type]
+            raise ValueError(exc.naming(sources, secret)) from None
 
     @classmethod
     def from_args(cls, argv: list[str], env: Mapping[str, str] = os.environ) -> Self:
         parser = argparse.ArgumentParser()
-        cls.add_arguments(parser, env)
-        return cls.from_namespace(parser.parse_args(argv))
+        cls.add_arguments(parser)
+        return cls.from_namespace(parser.parse_args(argv), env)
 
     def public(self) -> dict[str, Any]:
-        """Effective settings for the /status page, secrets masked."""
+        """Effective settings for the /status page, secrets masked, upstreams without their credentials."""
         out = dataclasses.asdict(self)  # type: ignore[call-overload]
         for f in fields(self):  # type: ignore[arg-type]
             if f.metadata["secret"] and out[f.name]:
@@ -135,7 +246,9 @@ class Settings(_Options):
     upstream: list[str] = option(["http://127.0.0.1:8000"], "base URL of a vLLM engine", repeat=True)
     max_body_bytes: int = option(16 * MiB, "largest request body accepted, in bytes (413 above)")
     context_window: int = option(
-        0, "context window in tokens; 0 = the engine's max_model_len from /v1/models, else 1048576"
+        0,
+        "context window in tokens for every model; 0 = each model's max_model_len from its engine's /v1/models "
+        "(1048576 until an engine has answered)",
     )
     max_concurrency: int = option(256, "requests forwarded to the engines at once")
     max_queue: int = option(1024, "requests waiting for a slot (429 above)")
@@ -148,7 +261,8 @@ class Settings(_Options):
         3600.0, "seconds an engine may stay silent (a 1M-token prefill takes many minutes)"
     )
     upstream_api_key: str = option(
-        "", "key sent to every engine as Authorization: Bearer (vLLM's --api-key), on requests, checks and scrapes",
+        "",
+        "key sent to every engine as Authorization: Bearer (vLLM's --api-key), on requests, checks and scrapes",
         secret=True,
     )
     stream_heartbeat: float = option(
@@ -189,14 +303,16 @@ class Settings(_Options):
     replicas: int = option(1, "gateway replicas sharing the limits: while Redis is down each allows limit / this")
     metrics_host: str = option("127.0.0.1", "address of the separate /metrics and /status listener")
     metrics_port: int = option(0, "port of a separate listener for /metrics and /status, without keys; 0 = none")
-    log_format: str = option("text", "log format", choices=("text", "json"))
+    log_format: str = option("text", "log format on stderr: text, or json (an object a line)", choices=("text", "json"))
     log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
+    access_log: str = option(
+        "text", "one line per finished request on stdout: text (logfmt), json or off", choices=("text", "json", "off")
+    )
 
     def __post_init__(self) -> None:
         """Refuse at start what would only fail later, at 3 a.m.: each rule names the option."""
-        problems = [
-            f"--{name.replace('_', '-')} must be {rule}"
-            for name, ok, rule in (
+        refuse(
+            (
                 ("port", 0 <= self.port <= 65535, "a port number"),
                 ("max_body_bytes", self.max_body_bytes >= 1, "at least 1"),
                 ("context_window", self.context_window >= 0, "0 (from the engine) or more"),
@@ -238,17 +354,29 @@ class Settings(_Options):
                 ("breaker_failures", self.breaker_failures >= 0, "0 (off) or more"),
                 ("breaker_cooldown", self.breaker_cooldown > 0, "more than 0"),
                 ("slow_start", self.slow_start >= 0, "0 (off) or more"),
-                (
-                    "upstream",
-                    bool(self.upstream) and all(_valid_upstream(u) for u in self.upstream),
-                    "one or more http:// or https:// URLs, each optionally with ;weight=W (W > 0)",
-                ),
-            )
-            if not ok
-        ]
-        problems.extend(self._access_problems())
-        if problems:
-            raise ValueError("; ".join(problems))
+                *self._upstream_rules(),
+            ),
+            self._access_problems(),
+        )
+
+    def _upstream_rules(self) -> list[tuple[str, bool, str]]:
+        """One or more engines, each ``[NAME=]URL[;weight=W]`` with names that tell them apart."""
+        rule = "one or more http:// or https:// URLs, each [NAME=]URL[;weight=W] (W > 0)"
+        if not self.upstream:
+            return [("upstream", False, f"{rule}: none given")]
+        out, names = [], []
+        for text in self.upstream:
+            try:
+                names.append(parse_upstream(text).name)
+            except ValueError as exc:
+                out.append(("upstream", False, f"{rule}: {exc}"))
+        twice = sorted({n for n in names if names.count(n) > 1})
+        return [*out, ("upstream", not twice, f"{rule}, each named once: {', '.join(twice)} is given twice")]
+
+    def public(self) -> dict[str, Any]:
+        out = super().public()
+        out["upstream"] = [_shown(text) for text in self.upstream]
+        return out
 
     def _access_problems(self) -> list[str]:
         """A keys file that does not load, or Redis limits without the redis client installed."""

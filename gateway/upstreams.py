@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
 from gateway.client import KEEPALIVE_TIMEOUT
-from gateway.settings import Settings, upstream_spec
+from gateway.errors import GatewayError
+from gateway.settings import Settings, parse_upstream, redact
 
 log = logging.getLogger("gateway.upstreams")
 
@@ -18,7 +20,7 @@ log = logging.getLogger("gateway.upstreams")
 class Upstream:
     """One engine and what the gateway knows of it."""
 
-    url: str
+    url: str  # where to connect, credentials included: never shown
     name: str = ""  # how logs, labels, /status and errors show it: never its credentials
     up: bool = False
     in_flight: int = 0
@@ -27,10 +29,12 @@ class Upstream:
     last_error: str = ""
     last_check: float = 0.0
     models: dict[str, int] = field(default_factory=dict)  # served model id -> max_model_len
+    cards: list[dict[str, Any]] = field(default_factory=list)  # its /v1/models entries, as the engine sent them
 
     def public(self) -> dict[str, object]:
         return {
-            "url": self.url,
+            "name": self.name,
+            "url": redact(self.url),
             "up": self.up,
             "in_flight": self.in_flight,
             "models": self.models,
@@ -40,20 +44,43 @@ class Upstream:
 
 
 class UpstreamPool:
-    """Ready engines first, fewest requests in flight first; hysteresis on health-check results."""
+    """The engines, which serve which model, and their state from health checks (with hysteresis)."""
 
-    def __init__(self, urls: list[str], fail_threshold: int, success_threshold: int) -> None:
-        bases = (upstream_spec(url)[0] for url in urls)  # without their ;weight=W
-        self.upstreams = [Upstream(url, url) for url in dict.fromkeys(bases)]
+    def __init__(self, specs: list[str], fail_threshold: int, success_threshold: int) -> None:
+        parsed = {s.url: s for s in map(parse_upstream, specs)}  # one engine per URL
+        self.upstreams = [Upstream(s.url, s.name) for s in parsed.values()]
         self.fail_threshold = fail_threshold
         self.success_threshold = success_threshold
         self._served: dict[str, int] = {}  # read on every request: rebuilt only when a check changes it
+        self._serving: dict[str, list[Upstream]] = {}  # model -> the engines that serve it
+        self._unknown: list[Upstream] = list(self.upstreams)  # engines whose models no check has seen yet
+        for spec in parsed.values():
+            weight = f", weight {spec.weight:g}" if spec.weight != 1 else ""
+            log.info("upstream %s at %s%s: checking it", spec.name, redact(spec.url), weight)
+            if spec.stripped_v1:
+                log.warning(
+                    "upstream %s: the /v1 at the end of its URL was removed (the gateway adds /v1/... itself); "
+                    "give the engine's base URL",
+                    spec.name,
+                )
 
     def candidates(self, model: str = "") -> list[Upstream]:
-        """Every engine in the order to try: an engine not known to be up is still tried last."""
-        if len(self.upstreams) == 1:
+        """The engines a request for ``model`` may go to: those serving it (a request naming none gets the first
+        served model, as vLLM serves it), engines not checked yet when none is known to; every engine while no
+        model list is known.  Down engines are still tried last.  GatewayError 404 when no engine serves it."""
+        if len(self.upstreams) == 1 and not self._served:
             return self.upstreams
-        return sorted(self.upstreams, key=lambda u: (not u.up, u.in_flight))
+        if self._served:
+            serving = self._serving.get(model or next(iter(self._served)))
+            if serving is None:
+                serving = self._unknown
+            if not serving:
+                raise GatewayError("model_not_found", f"The model `{model}` does not exist.", param="model")
+        else:
+            serving = self.upstreams
+        if len(serving) == 1:
+            return serving
+        return sorted(serving, key=lambda u: (not u.up, u.in_flight))
 
     @property
     def any_up(self) -> bool:
@@ -63,34 +90,53 @@ class UpstreamPool:
         """Every served model and its context window, as last seen by the health checks."""
         return self._served
 
+    def cards(self) -> list[dict[str, Any]]:
+        """``/v1/models``: the ready engines' model cards as they sent them, each model once (the first
+        engine's card)."""
+        out: dict[str, dict[str, Any]] = {}
+        for upstream in self.upstreams:
+            if upstream.up:
+                for card in upstream.cards:
+                    out.setdefault(card["id"], card)
+        return list(out.values())
+
     def mark_down(self, upstream: Upstream, reason: str) -> None:
         """A request could not connect: stop sending it traffic until a health check succeeds again."""
         if upstream.up:
-            log.warning("upstream %s marked down: %s", upstream.url, reason)
+            log.warning("upstream %s is down: %s", upstream.name, reason)
         upstream.up = False
         upstream.last_error = reason
         upstream.successes = 0
         upstream.fails = max(upstream.fails, self.fail_threshold)
 
     def record_check(self, upstream: Upstream, error: str | None, models: dict[str, int] | None) -> None:
+        """One health check's outcome: ``error`` None with the engine's models, or why it failed."""
         upstream.last_check = time.monotonic()
         if models and models != upstream.models:
             upstream.models = models
-            self._served = {name: n for u in self.upstreams for name, n in u.models.items()}
+            self._index()
         if error is None:
             upstream.fails = 0
             upstream.successes += 1
             first = not upstream.last_error and not upstream.up
             if not upstream.up and (first or upstream.successes >= self.success_threshold):
-                log.info("upstream %s is up", upstream.url)
+                served = ", ".join(f"{m} (max_model_len {n})" for m, n in upstream.models.items())
+                log.info("upstream %s is up, serving %s", upstream.name, served)
                 upstream.up = True
             return
         upstream.successes = 0
         upstream.fails += 1
-        upstream.last_error = error
-        if upstream.up and upstream.fails >= self.fail_threshold:
-            log.warning("upstream %s is down after %d failed checks: %s", upstream.url, upstream.fails, error)
+        if not upstream.up and not upstream.last_error:  # its first check failed: say so now, not 3 checks on
+            log.warning("upstream %s is not ready: %s", upstream.name, error)
+        elif upstream.up and upstream.fails >= self.fail_threshold:
+            log.warning("upstream %s is down after %d failed checks: %s", upstream.name, upstream.fails, error)
             upstream.up = False
+        upstream.last_error = error
+
+    def _index(self) -> None:
+        self._served = {name: n for u in self.upstreams for name, n in u.models.items()}
+        self._serving = {name: [u for u in self.upstreams if name in u.models] for name in self._served}
+        self._unknown = [u for u in self.upstreams if not u.models]
 
 
 def client_session(settings: Settings) -> aiohttp.ClientSession:

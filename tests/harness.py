@@ -24,7 +24,8 @@ from gateway.settings import Settings, SimSettings
 from gateway.sim.engine import SimEngine, bound_port, serve
 
 FAST_SIM = {"ttft": 0.005, "itl": 0.001, "prefill_tokens_per_s": 1e9}
-FAST_GATEWAY = {"health_interval": 0.1, "health_fail_threshold": 2, "health_success_threshold": 2}
+# the access log is tested on the processes of test_accesslog; here its lines would only clutter the output
+FAST_GATEWAY = {"health_interval": 0.1, "health_fail_threshold": 2, "health_success_threshold": 2, "access_log": "off"}
 
 MODEL = "glm-4-9b-chat-1m"
 HELLO = [{"role": "user", "content": "Hello"}]

@@ -62,8 +62,9 @@ def relabel(text: str, upstream: str) -> dict[str, Family]:
 class EngineSource:
     """One engine's /metrics, cached for ``max_age`` seconds; concurrent scrapes share one fetch."""
 
-    def __init__(self, url: str, timeout: float, max_age: float) -> None:
+    def __init__(self, url: str, timeout: float, max_age: float, name: str) -> None:
         self.url = url
+        self.name = name  # the upstream label: the engine's name, never its credentials
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_age = max_age
         self.families: dict[str, Family] = {}
@@ -85,9 +86,9 @@ class EngineSource:
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}")
                 text = await resp.text()
-            self.families = relabel(text, self.url)
+            self.families = relabel(text, self.name)
         except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError) as exc:
-            log.debug("engine metrics from %s unavailable: %r", self.url, exc)
+            log.debug("engine metrics from %s unavailable: %r", self.name, exc)
             self.families = {}  # absent, not stale: gateway_upstream_up tells why
         self.fetched_at = time.monotonic()
 

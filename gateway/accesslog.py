@@ -1,0 +1,132 @@
+"""The access log: one line per finished request, as logfmt text or JSON, written by a thread of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import threading
+from collections.abc import AsyncIterator
+from queue import Empty, SimpleQueue
+from typing import TextIO
+
+from aiohttp import web
+
+from gateway.exchange import Exchange
+from gateway.logs import utc
+
+FIELDS = (
+    "time", "request_id", "client", "method", "path", "model", "status", "error_type", "upstream", "queue_wait",
+    "first_byte", "ttft", "duration", "prompt_tokens", "completion_tokens", "bytes_in", "bytes_out", "key",
+)  # fmt: skip
+_MAX_PENDING = 100_000  # lines waiting for a stuck output; beyond it lines are dropped and counted
+_SAFE = re.compile(r"[\w.:/@+=,-]*")  # shown bare in text; anything else is quoted as a JSON string
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def _bare(value: str) -> str:
+    """A text value that a space, a quote or a control character in it cannot split or forge."""
+    if not value:
+        return "-"
+    return value if _SAFE.fullmatch(value) else json.dumps(value, ensure_ascii=False)
+
+
+def _shown(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _fixed(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.6f}"  # never 7e-05
+
+
+def fields(ex: Exchange) -> dict[str, object]:
+    """What one request's line says, in FIELDS order; None where it does not apply (no model, no TTFT)."""
+    return {
+        "time": utc(ex.wall),
+        "request_id": ex.request_id,
+        "client": ex.client or None,
+        "method": ex.method,
+        "path": ex.path,
+        "model": ex.model or None,
+        "status": ex.status,
+        "error_type": ex.error_type,
+        "upstream": ex.upstream or None,
+        "queue_wait": _seconds(ex.queue_wait),
+        "first_byte": _seconds(ex.first_byte),
+        "ttft": _seconds(ex.ttft),
+        "duration": _seconds(ex.duration),
+        "prompt_tokens": ex.prompt_tokens,
+        "completion_tokens": ex.completion_tokens,
+        "bytes_in": ex.bytes_in,
+        "bytes_out": ex.bytes_out,
+        "key": ex.key,
+    }
+
+
+def json_line(ex: Exchange) -> str:
+    return json.dumps(fields(ex), ensure_ascii=False) + "\n"
+
+
+def text_line(ex: Exchange) -> str:
+    """logfmt: ``key=value`` pairs, ``-`` for what does not apply."""
+    return (
+        f"time={utc(ex.wall)} request_id={_bare(ex.request_id)} client={_bare(ex.client)} method={ex.method} "
+        f"path={_bare(ex.path)} model={_bare(ex.model)} status={ex.status} error_type={_shown(ex.error_type)} "
+        f"upstream={_bare(ex.upstream)} queue_wait={_fixed(ex.queue_wait)} first_byte={_fixed(ex.first_byte)} "
+        f"ttft={_fixed(ex.ttft)} duration={_fixed(ex.duration)} prompt_tokens={_shown(ex.prompt_tokens)} "
+        f"completion_tokens={_shown(ex.completion_tokens)} bytes_in={ex.bytes_in} bytes_out={ex.bytes_out} "
+        f"key={_bare(ex.key)}\n"
+    )
+
+
+class AccessLog:
+    """Called with each finished request (``Proxy.on_finish``): the line is made on the loop and handed to a
+    writer thread, so a slow or blocked output never stalls a request."""
+
+    def __init__(self, fmt: str, stream: TextIO | None = None) -> None:
+        self.line = json_line if fmt == "json" else text_line
+        self.stream = stream  # None: the process's stdout at the time of writing
+        self.dropped = 0
+        self._queue: SimpleQueue[str | None] = SimpleQueue()
+
+    def __call__(self, ex: Exchange) -> None:
+        if self._queue.qsize() >= _MAX_PENDING:
+            self.dropped += 1
+            return
+        self._queue.put(self.line(ex))
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: the writer runs as long as the app, and writes every line before it ends."""
+        writer = threading.Thread(target=self._write, name="access-log", daemon=True)
+        writer.start()
+        yield
+        self._queue.put(None)
+        await asyncio.to_thread(writer.join, 5.0)
+
+    def _write(self) -> None:
+        """Block for a line, then take every line waiting and write them in one go."""
+        reported = 0
+        while True:
+            line = self._queue.get()
+            batch = []
+            while line is not None:
+                batch.append(line)
+                try:
+                    line = self._queue.get_nowait()
+                except Empty:
+                    break
+            if self.dropped > reported:
+                batch.append(f"access log: {self.dropped - reported} lines dropped, the output did not keep up\n")
+                reported = self.dropped
+            stream = self.stream or sys.stdout
+            try:
+                stream.write("".join(batch))
+                stream.flush()
+            except (OSError, ValueError):  # the output is gone (closed pipe): the requests go on
+                pass
+            if line is None:
+                return
