@@ -8,7 +8,7 @@ import dataclasses
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 import uvloop
 
@@ -57,10 +57,15 @@ One line per request is written below (the access log). Ctrl-C stops both.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line naming it and the value (argparse's usage block would bury it), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="glm-gateway", description="A reverse proxy that guards and observes vLLM engines."
-    )
+    parser = _Parser(prog="glm-gateway", description="A reverse proxy that guards and observes vLLM engines.")
     parser.add_argument("--version", action="version", version=f"glm-gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_p = commands.add_parser("serve", help="run the gateway in front of vLLM engines")
