@@ -43,7 +43,8 @@ log = logging.getLogger("gateway")
 class Gateway:
     """Every part of one gateway, built from its settings."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, admission: Admission | None = None) -> None:
+        """``admission``: another one than this process's own (a worker of ``--workers N`` asks its parent)."""
         self.settings = settings
         self.started = time.monotonic()
         disable_created_metrics()  # *_created series double the output and no dashboard reads them
@@ -51,7 +52,7 @@ class Gateway:
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         self.metrics = GatewayMetrics(self.registry)
-        self.admission = Admission(
+        self.admission = admission or Admission(
             settings.max_concurrency,
             settings.max_queue,
             settings.queue_timeout,

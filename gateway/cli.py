@@ -19,6 +19,7 @@ from gateway.listener import ListenError
 from gateway.settings import Settings, SimSettings
 from gateway.sim.engine import SimEngine, bound_port
 from gateway.sim.engine import serve as serve_sim
+from gateway.workers import supervise
 
 DEMO_TEXT = """
 glm-gateway demo: the gateway on {gw} in front of a simulated GLM-4-9B-Chat-1M engine on {sim}
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return _refused("serve", exc)
         logs.configure(settings.log_format, settings.log_level)
-        return _run(serve(settings))
+        return _run(serve(settings) if settings.worker_count == 1 else supervise(settings))
     if ns.command == "keys":
         try:
             return _new_key(ns.name)

@@ -308,6 +308,9 @@ class Settings(_Options):
     access_log: str = option(
         "text", "one line per finished request on stdout: text (logfmt), json or off", choices=("text", "json", "off")
     )
+    workers: str = option(
+        "1", "worker processes serving the port, supervised by one parent; auto = the cores available"
+    )
 
     def __post_init__(self) -> None:
         """Refuse at start what would only fail later, at 3 a.m.: each rule names the option."""
@@ -338,6 +341,11 @@ class Settings(_Options):
                     "not empty, nor with a keys file",
                 ),
                 ("replicas", self.replicas >= 1, "at least 1"),
+                (
+                    "workers",
+                    self.workers == "auto" or (self.workers.isdigit() and int(self.workers) >= 1),
+                    "auto or at least 1",
+                ),
                 ("metrics_port", 0 <= self.metrics_port <= 65535, "a port number"),
                 (
                     "limits_redis",
@@ -358,6 +366,11 @@ class Settings(_Options):
             ),
             self._access_problems(),
         )
+
+    @property
+    def worker_count(self) -> int:
+        """``--workers`` as a number: ``auto`` is the cores this process may run on."""
+        return len(os.sched_getaffinity(0)) if self.workers == "auto" else int(self.workers)
 
     def _upstream_rules(self) -> list[tuple[str, bool, str]]:
         """One or more engines, each ``[NAME=]URL[;weight=W]`` with names that tell them apart."""
