@@ -63,15 +63,18 @@ async def test_a_lone_surrogate_is_forwarded_as_the_client_wrote_it(gw: Gw, sim:
     """A body the gateway re-serialises (stream_options sent, include_usage added) with a lone surrogate
     in it: forwarded with the escape, as the engine would have received it."""
     raw = (
-        b'{"model":"glm-4-9b-chat-1m\\ud800","messages":[{"role":"user","content":"a\\udfffb"}],'
+        b'{"model":"glm-4-9b-chat-1m","user":"u\\ud800","messages":[{"role":"user","content":"a\\udfffb"}],'
         b'"stream":true,"stream_options":{},"max_tokens":2}'
     )
     status, _, body = await post(gw.url + CHAT, data=raw, headers={"Content-Type": "application/json"})
-    assert status in (200, 404), body  # the engine's answer to a model it does not serve
+    assert status == 200, body
     forwarded = sim.journal[-1]["body"]
-    assert forwarded["model"] == "glm-4-9b-chat-1m\ud800"
+    assert forwarded["user"] == "u\ud800"
     assert forwarded["messages"][0]["content"] == "a\udfffb"
     assert forwarded["stream_options"] == {"include_usage": True}
+    odd_model = raw.replace(b'"glm-4-9b-chat-1m"', b'"glm-4-9b-chat-1m\\ud800"')  # a model no engine serves
+    status, _, body = await post(gw.url + CHAT, data=odd_model, headers={"Content-Type": "application/json"})
+    assert status == 404 and json.loads(body)["error"]["param"] == "model", body
     text = await gw.metrics()
     assert value(text, "gateway_request_errors_total", error_type="internal_error") == 0
     await settled(gw, sim)

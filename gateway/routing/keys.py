@@ -10,7 +10,7 @@ PREFIX_CHARS = 8192  # the leading content that names a prefix: the system promp
 
 def user_key(user: object) -> bytes | None:
     """The OpenAI ``user`` field, when a request names one: the session key without a session header."""
-    return user.encode("utf-8", "surrogateescape") if isinstance(user, str) and user else None
+    return user.encode("utf-8", "surrogatepass") if isinstance(user, str) and user else None
 
 
 def prefix_key(obj: dict[str, Any]) -> bytes | None:
