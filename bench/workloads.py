@@ -172,6 +172,10 @@ def services(
                 procs[name] = start_floor(ctx.workdir, ctx.place.proxy, procs["direct"].url)
             elif name == "keys":
                 procs[name] = start_keyed_gateway(ctx.workdir, ctx.place.proxy, procs["direct"].url)
+            elif name == "nolog":  # the gateway without its access log: what the default line per request costs
+                procs[name] = start_gateway(
+                    ctx.workdir, ctx.place.proxy, procs["direct"].url, "--access-log", "off", name="nolog"
+                )
             else:
                 assert name == "litellm" and ctx.litellm is not None
                 procs[name] = start_litellm(ctx.workdir, ctx.place.proxy, ctx.litellm, procs["direct"].url)
@@ -240,7 +244,7 @@ def _efficiency(runs: dict[str, list[dict[str, Any]]], rate: str) -> tuple[list[
 async def _wrk_runs(ctx: Ctx, connections: int) -> dict[str, list[dict[str, Any]]]:
     o = ctx.options
     script = wrk.write_script(ctx.workdir / "chat.lua", chat_body(16))
-    configs = ctx.configs("floor", "keys")
+    configs = ctx.configs("floor", "keys", "nolog")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     with services(ctx, FAST_SIM, extra=configs[len(CONFIGS) :]) as procs:
         if o.warmup:
@@ -272,6 +276,8 @@ async def latency_c1(ctx: Ctx) -> Result:
             p50["gateway"] - p50["floor"], "", None),
         Row(1, "keys and rate limits added over the gateway, p50 / p99, c=1", "ms", None, None, None,
             p50["keys"] - p50["gateway"], f"p99 {p99['keys'] - p99['gateway']:+.3f} ms", None),
+        Row(1, "access log (default) added over --access-log off, p50 / p99, c=1", "ms", None, None, None,
+            p50["gateway"] - p50["nolog"], f"p99 {p99['gateway'] - p99['nolog']:+.3f} ms", None),
     ]  # fmt: skip
     if "litellm" in runs:
         added99 = f"p99 +{p99['litellm'] - p99['direct']:.3f} ms"
@@ -295,6 +301,8 @@ async def throughput_c64(ctx: Ctx) -> Result:
             rps["gateway"] / rps["floor"], f"floor {rps['floor']:,.0f} req/s", None),
         Row(2, "with keys and rate limits, requests/s, c=64 (value: keyed gateway / gateway)", "req/s", None, None,
             None, rps["keys"] / rps["gateway"], f"keys {rps['keys']:,.0f} req/s", None),
+        Row(2, "access log on (default) vs off, requests/s, c=64 (value: gateway / gateway without it)", "req/s",
+            None, None, None, rps["gateway"] / rps["nolog"], f"off {rps['nolog']:,.0f} req/s", None),
     ]  # fmt: skip
     if "litellm" in runs:
         rows.append(Row(2, "LiteLLM requests/s, c=64 (value: gateway / LiteLLM)", "req/s", None, None, None,
