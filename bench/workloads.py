@@ -1,4 +1,4 @@
-"""The six workloads: each starts its engine and proxies, alternates configurations, returns rows."""
+"""The seven workloads: each starts its engine and proxies, alternates configurations, returns rows."""
 
 from __future__ import annotations
 
@@ -562,6 +562,15 @@ async def metrics_scrape(ctx: Ctx) -> Result:
     return Result(6, "/metrics scrape latency through the gateway while traffic flows", params, runs, rows)
 
 
+# -- 7: reliability (bench/soak.py) ---------------------------------------------------------------------
+
+
+async def reliability(ctx: Ctx) -> Result:
+    from bench.soak import reliability as run  # it builds on this module's helpers
+
+    return await run(ctx)
+
+
 WORKLOADS: dict[int, Callable[[Ctx], Awaitable[Result]]] = {
     1: latency_c1,
     2: throughput_c64,
@@ -569,4 +578,5 @@ WORKLOADS: dict[int, Callable[[Ctx], Awaitable[Result]]] = {
     4: held_streams,
     5: big_body_latency,
     6: metrics_scrape,
+    7: reliability,
 }
