@@ -384,7 +384,13 @@ class Settings(_Options):
             except ValueError as exc:
                 out.append(("upstream", False, f"{rule}: {exc}"))
         twice = sorted({n for n in names if names.count(n) > 1})
-        return [*out, ("upstream", not twice, f"{rule}, each named once: {', '.join(twice)} is given twice")]
+        # the checks' client cannot send both: a URL's user:password@ is the engine's Basic authentication
+        both = bool(self.upstream_api_key) and any("@" in urlsplit(parse_upstream(t).url).netloc for t in self.upstream)
+        return [
+            *out,
+            ("upstream", not twice, f"{rule}, each named once: {', '.join(twice)} is given twice"),
+            ("upstream", bool(out) or not both, "without user:password@ with --upstream-api-key (one or the other)"),
+        ]
 
     def public(self) -> dict[str, Any]:
         out = super().public()

@@ -45,6 +45,7 @@ def refused(*args: str, env: dict[str, str] | None = None) -> str:
         (["--upstream", "http://a:1?key=s3cret"], {}, ["has a ?query", "'http://a:1'"]),
         (["--upstream", "a=http://x:1", "--upstream", "a=http://y:1"], {}, ["a is given twice"]),
         (["--log-level", "verbose"], {}, ["--log-level", "'verbose'"]),
+        (["--upstream", "http://u:s3cret@a:1", "--upstream-api-key", "k"], {}, ["user:password@", "one or the other"]),
     ],
 )
 def test_a_bad_value_stops_the_start_in_one_line(args: list[str], env: dict[str, str], names: list[str]) -> None:
