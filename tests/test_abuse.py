@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import resource
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -345,8 +349,6 @@ async def test_streams_still_running_at_the_drain_deadline_end_with_an_error_eve
 
 
 def test_the_process_raises_its_open_files_limit_and_says_so() -> None:
-    import resource
-
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     port = free_port()
     gw = Process("serve", "--host", "127.0.0.1", "--port", str(port), "--upstream", "http://127.0.0.1:9")
@@ -357,3 +359,50 @@ def test_the_process_raises_its_open_files_limit_and_says_so() -> None:
         assert f"open files limit {hard} (hard {hard})" in gw.output()
     finally:
         gw.stop()
+
+
+def _with_open_files(limit: int, args: list[str]) -> subprocess.Popen[bytes]:
+    """``glm-gateway ARGS`` whose hard open-files limit is ``limit``: it cannot raise it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+    )
+
+
+async def test_running_out_of_file_descriptors_is_a_503_and_never_marks_the_engine_down() -> None:
+    sim = await start_sim_at(free_port())
+    port, limit = free_port(), 64
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--upstream", sim.url, "--health-interval", "30"]
+    gw = _with_open_files(limit, [*args, "--max-connections", "1000"])
+    extra: list[asyncio.StreamWriter] = []
+    try:
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/health/ready")
+        reader, writer = await _raw(port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # kept for later
+        assert (await read_answer(reader))[0] == "HTTP/1.1 200 OK"
+        fds = f"/proc/{gw.pid}/fd"
+        while len(os.listdir(fds)) < limit:  # idle connections until the gateway has no descriptor left
+            extra.append((await asyncio.open_connection("127.0.0.1", port))[1])
+            await asyncio.sleep(0.01)
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(CHAT_BODY)}"
+        writer.write(head.encode() + b"\r\n\r\n" + CHAT_BODY)
+        status, headers, body = await read_answer(reader)
+        assert status.startswith("HTTP/1.1 503"), (status, body)
+        assert headers["retry-after"] == "1"
+        error_body(json.loads(body), code="gateway_overloaded", type="server_error")
+        for w in extra:
+            w.close()
+        await wait_for(lambda: len(os.listdir(fds)) < limit - 8, "the idle connections closed")
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await read_answer(reader)
+        assert all(u["up"] for u in json.loads(body)["upstreams"]), body  # the engine was never marked down
+        writer.write(head.encode() + b"\r\n\r\n" + CHAT_BODY)
+        assert (await read_answer(reader))[0] == "HTTP/1.1 200 OK"
+        writer.close()
+    finally:
+        for w in extra:
+            w.close()
+        gw.kill()
+        gw.wait(10)
+        await sim.close()
