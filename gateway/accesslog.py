@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import sys
@@ -28,6 +29,7 @@ def _seconds(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 
 
+@functools.lru_cache(maxsize=4096)  # models, engines, keys and paths repeat: checked once each
 def _bare(value: str) -> str:
     """A text value that a space, a quote or a control character in it cannot split or forge."""
     if not value:
@@ -74,7 +76,8 @@ def json_line(ex: Exchange) -> str:
 def text_line(ex: Exchange) -> str:
     """logfmt: ``key=value`` pairs, ``-`` for what does not apply."""
     return (
-        f"time={utc(ex.wall)} request_id={_bare(ex.request_id)} client={_bare(ex.client)} method={ex.method} "
+        # the request id is of a safe alphabet (gateway.headers), the client an address: neither needs quoting
+        f"time={utc(ex.wall)} request_id={ex.request_id} client={ex.client or '-'} method={ex.method} "
         f"path={_bare(ex.path)} model={_bare(ex.model)} status={ex.status} error_type={_shown(ex.error_type)} "
         f"upstream={_bare(ex.upstream)} queue_wait={_fixed(ex.queue_wait)} first_byte={_fixed(ex.first_byte)} "
         f"ttft={_fixed(ex.ttft)} duration={_fixed(ex.duration)} prompt_tokens={_shown(ex.prompt_tokens)} "

@@ -11,9 +11,17 @@ import time
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted: one strftime a second, not one a line
+
+
 def utc(created: float) -> str:
     """A moment as ISO 8601 in UTC with milliseconds: 2026-12-01T23:10:48.123Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z"
+    global _second
+    second, text = _second
+    if int(created) != second:
+        second, text = int(created), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        _second = (second, text)
+    return f"{text}.{int(created * 1000) % 1000:03d}Z"
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
