@@ -42,7 +42,7 @@ async def soak(gw: Proc, streams: int, duration: float, tokens: int) -> dict[str
     body = chat_body(tokens, stream=True)
     work = client.stream_load(gw.url + CHAT, body, streams, duration, tokens, tokens * float(SOAK_SIM["itl"]))
     (stats, window), peak = await _sampled(gw, work)
-    await asyncio.sleep(1.0)  # the cut-off streams' handlers return
+    await asyncio.sleep(5.0)  # the cut-off streams' handlers return, idle engine connections expire (4 s)
     return {
         "streams": streams, "duration_s": window, "completed": stats.completed, "failed": stats.failed,
         "errors": stats.errors[:5], "before": before, "peak": peak,
