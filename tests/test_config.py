@@ -205,3 +205,22 @@ def test_pages_people_read(procs: list[Any]) -> None:
     assert status == 200 and headers["Server"] == "glm-gateway"  # the engine's answer too
     status, headers, body = get(gw.url + CHAT, {"model": MODEL, "messages": "Hello"})
     assert status == 400 and body.endswith(b"\n") and headers["Server"] == "glm-gateway"
+
+
+def test_health_counts_only_what_the_service_failed(procs: list[Any]) -> None:
+    sim = Sim()
+    procs.append(sim)
+    gw = Gateway("--upstream", sim.url, "--max-body-bytes", "100")
+    procs.append(gw)
+    wait_http(gw.url + "/health/ready")
+    assert get(gw.url + CHAT, {"model": MODEL, "messages": "Hello"})[0] == 400
+    assert get(gw.url + CHAT, {"model": "gpt-4", "messages": HELLO})[0] == 404
+    assert get(gw.url + CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x" * 200}]})[0] == 413
+    assert get(gw.url + "/nowhere")[0] == 404
+    health = json.loads(get(gw.url + "/health")[2])
+    assert health["requests"] == {"total": 4, "failed": 0, "success_rate": 1.0}  # the client's mistakes
+    faults = urllib.request.Request(sim.url + "/admin/faults", data=b'{"error_rate": 1, "error_status": 500}')
+    urllib.request.urlopen(faults, timeout=10).close()
+    assert get(gw.url + CHAT, {"model": MODEL, "messages": HELLO})[0] == 500  # the engine's failure
+    health = json.loads(get(gw.url + "/health")[2])
+    assert health["requests"] == {"total": 5, "failed": 1, "success_rate": 0.8}  # the pages are not counted
