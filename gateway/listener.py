@@ -118,13 +118,14 @@ class ClientConnection(RequestHandler):
         """No body byte for ``body_timeout`` s: the handler's read fails with a 408 and the connection closes."""
         self._body_timer = None
         request = self._current_request
-        if self.transport is None or (request is not None and request.content.is_eof()):
+        if self.transport is None or (request is None and not self._messages):
+            return
+        if request is not None and request.content.is_eof():
             return
         idle = self._loop.time() - self._last_progress
         timeout = self._limits.body_timeout
-        if (
-            idle < timeout or self._reading_paused or request is None
-        ):  # the gateway paused reading: not the client's fault
+        # not yet handled (pipelined), or the gateway paused reading (not the client's fault): look again later
+        if idle < timeout or self._reading_paused or request is None:
             self._body_timer = self._loop.call_later(max(timeout - idle, 0.01), self._body_check)
             return
         self._listener.closed("body_timeout")
