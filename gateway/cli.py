@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -20,6 +22,8 @@ from gateway.settings import Settings, SimSettings
 from gateway.sim.engine import SimEngine, bound_port
 from gateway.sim.engine import serve as serve_sim
 from gateway.workers import supervise
+
+log = logging.getLogger("gateway.cli")
 
 DEMO_TEXT = """
 glm-gateway demo: the gateway on {gw} in front of a simulated GLM-4-9B-Chat-1M engine on {sim}
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return _refused("serve", exc)
         logs.configure(settings.log_format, settings.log_level)
+        for name in Settings.unknown_env(os.environ, SimSettings.ENV_PREFIX):
+            log.warning("%s is set but is no option of glm-gateway serve: ignored (--help lists them)", name)
         return _run(serve(settings) if settings.worker_count == 1 else supervise(settings))
     if ns.command == "keys":
         try:

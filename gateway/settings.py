@@ -223,6 +223,13 @@ class _Options:
             raise ValueError(exc.naming(sources, secret)) from None
 
     @classmethod
+    def unknown_env(cls, env: Mapping[str, str], *others: str) -> list[str]:
+        """The variables of this prefix that set no option (a typo would be ignored in silence); ``others``:
+        prefixes of other commands' variables."""
+        known = {cls.env_name(f.name) for f in fields(cls)}  # type: ignore[arg-type]
+        return sorted(n for n in env if n.startswith(cls.ENV_PREFIX) and n not in known and not n.startswith(others))
+
+    @classmethod
     def from_args(cls, argv: list[str], env: Mapping[str, str] = os.environ) -> Self:
         parser = argparse.ArgumentParser()
         cls.add_arguments(parser)

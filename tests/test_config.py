@@ -148,6 +148,14 @@ def test_engine_state_is_logged_at_start_and_on_every_change(procs: list[Any]) -
     wait_until(lambda: "is down after 1 failed checks: cannot connect" in gw.read_log(), "down logged")
 
 
+def test_a_variable_that_sets_no_option_is_named_at_start(procs: list[Any]) -> None:
+    env = {"GATEWAY_UPSTREAMS": "http://a:1", "GATEWAY_SIM_ITL": "0.1"}  # a typo; the sim's own is not ours
+    gw = Gateway("--upstream", f"http://127.0.0.1:{free_port()}", env=env)
+    procs.append(gw)
+    wait_until(lambda: "GATEWAY_UPSTREAMS is set but is no option" in gw.read_log(), "the warning")
+    assert "GATEWAY_SIM_ITL" not in gw.read_log()
+
+
 def test_log_choices_in_any_case(procs: list[Any]) -> None:
     gw = Gateway(
         "--upstream", f"http://127.0.0.1:{free_port()}", "--log-level", "DEBUG", env={"GATEWAY_LOG_FORMAT": "JSON"}
