@@ -81,8 +81,6 @@ class Proxy:
         self.active = 0  # requests inside the handler, queued ones included: drain waits for 0
         self.idle = asyncio.Event()
         self.idle.set()
-        self.requests_total = 0
-        self.requests_failed = 0
 
     # -- receive ------------------------------------------------------------------------------------
 
@@ -365,13 +363,11 @@ class Proxy:
     def _record(self, ex: Exchange) -> None:
         m, model, endpoint = self.metrics, ex.model, ex.endpoint
         child = m.child
-        self.requests_total += 1
         status = str(ex.status)
         ex.duration = perf_counter() - ex.start
         child(m.requests, model, endpoint, status, ex.key).inc()
         child(m.duration, model, endpoint, status).observe(ex.duration)
         if ex.error_type is not None:
-            self.requests_failed += 1
             child(m.errors, model, endpoint, ex.error_type, ex.key).inc()
         # prompt tokens only for answered requests, whose count the engine's usage gives
         prompt_tokens = ex.prompt_tokens if ex.completion_tokens is not None else None
