@@ -207,6 +207,7 @@ class Proxy:
             else:
                 gen = parse_generation(request.path, body, glm_stops=glm_stops)
             ex.model = self.model_label(gen.model)
+            self.pool.serving(gen.model)  # an unknown model is a 404 now, not after a wait in the queue
             window = self.context_window(gen.model)
             error = context_error(window, gen)
             if error is not None:

@@ -68,19 +68,21 @@ class UpstreamPool:
         """The engines a request for ``model`` may go to: those serving it (a request naming none gets the first
         served model, as vLLM serves it), engines not checked yet when none is known to; every engine while no
         model list is known.  Down engines are still tried last.  GatewayError 404 when no engine serves it."""
-        if len(self.upstreams) == 1 and not self._served:
-            return self.upstreams
-        if self._served:
-            serving = self._serving.get(model or next(iter(self._served)))
-            if serving is None:
-                serving = self._unknown
-            if not serving:
-                raise GatewayError("model_not_found", f"The model `{model}` does not exist.", param="model")
-        else:
-            serving = self.upstreams
+        serving = self.serving(model)
         if len(serving) == 1:
             return serving
         return sorted(serving, key=lambda u: (not u.up, u.in_flight))
+
+    def serving(self, model: str) -> list[Upstream]:
+        """The engines serving ``model`` (see ``candidates``); GatewayError 404 when none does."""
+        if not self._served:
+            return self.upstreams
+        serving = self._serving.get(model or next(iter(self._served)))
+        if serving is None:
+            serving = self._unknown
+        if not serving:
+            raise GatewayError("model_not_found", f"The model `{model}` does not exist.", param="model")
+        return serving
 
     @property
     def any_up(self) -> bool:

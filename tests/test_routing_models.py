@@ -4,6 +4,7 @@ ready engines' models with each one's max_model_len."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 
@@ -93,3 +94,17 @@ async def test_models_lists_the_ready_engines_models(stack: contextlib.AsyncExit
     status, _, body = await fetch("GET", gw.url + "/v1/models")
     assert status == 200 and [c["id"] for c in json.loads(body)["data"]] == [MODEL]
     await settled(gw, glm)
+
+
+async def test_an_unknown_model_is_refused_before_it_waits_for_a_slot(stack: contextlib.AsyncExitStack) -> None:
+    """With every slot taken, a request for a model nobody serves is still answered at once."""
+    sim = await sim_in(stack)
+    gw = await gateway_in(stack, [sim.url], max_concurrency=1)
+    await sim.faults(hang=True)
+    held = asyncio.create_task(post(gw.url + CHAT, json_body={"model": MODEL, "messages": HELLO}))
+    stack.callback(held.cancel)
+    await wait_for(lambda: gw.gateway.admission.in_flight == 1, "the one slot to be taken")
+    status, _, raw = await post(gw.url + CHAT, json_body={"model": "gpt-4", "messages": HELLO})
+    assert status == 404
+    error_body(json.loads(raw), code=404, type="NotFoundError", param="model")
+    assert gw.gateway.admission.queue_depth == 0
