@@ -450,7 +450,7 @@ class EngineClient:
         except OSError as exc:
             if exc.errno in _LOCAL_EXHAUSTION:
                 raise GatewayExhausted(exc.strerror or str(exc)) from None
-            raise EngineUnreachable(f"{exc.__class__.__name__}: {exc}") from None
+            raise EngineUnreachable(f"cannot connect: {(exc.strerror or str(exc)).lower()}") from None
         return conn
 
     def abort(self, reason: str) -> None:

@@ -152,7 +152,7 @@ async def test_reused_connection_lost_late_is_an_error_not_a_resend(monkeypatch:
 
 
 async def test_refused_connection_is_unreachable(engine_client: EngineClient) -> None:
-    with pytest.raises(EngineUnreachable, match="ConnectionRefusedError"):
+    with pytest.raises(EngineUnreachable, match="cannot connect: connect call failed"):
         await engine_client.request(f"http://127.0.0.1:{free_port()}", "GET", "/v1/models", [], b"")
 
 
