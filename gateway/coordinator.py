@@ -28,6 +28,7 @@ from gateway.settings import Settings
 log = logging.getLogger("gateway.workers")
 
 _SNAPSHOT_TIMEOUT = 2.0  # seconds a worker has to send its series for a scrape; its last ones count after
+_LINE_LIMIT = 1 << 28  # bytes of one message: a worker's series, the merged exposition
 _WATCH_INTERVAL = 1.0  # seconds between looks at the keys file (as each worker's own watch)
 # gauges that the parent's admission answers for all workers together
 _AUTHORITY = frozenset(
@@ -126,7 +127,9 @@ class WorkerLink:
 class Authority:
     """The parent's side: the one ``Admission`` of all workers, and the merge of their series."""
 
-    def __init__(self, settings: Settings, describe: Callable[[], list[dict[str, Any]]]) -> None:
+    def __init__(
+        self, settings: Settings, describe: Callable[[], list[dict[str, Any]]], connected: Callable[[int], None]
+    ) -> None:
         self.settings = settings
         self.ring = KeyRing.from_settings(settings.api_key, settings.keys_file)
         self.admission = Admission(
@@ -134,6 +137,7 @@ class Authority:
             fair=self.ring is not None,
         )  # fmt: skip
         self.describe = describe  # the supervisor's view of its workers, for /status
+        self.connected = connected  # told each worker's index when it connects
         self.links: dict[int, WorkerLink] = {}
         self.retired = Merged()  # the counters of workers that died, so that no total goes backwards
         self._ids = itertools.count()
@@ -160,12 +164,13 @@ class Authority:
                 self.reload()
 
     async def serve(self, path: str) -> asyncio.AbstractServer:
-        return await asyncio.start_unix_server(self._connection, path)
+        return await asyncio.start_unix_server(self._connection, path, limit=_LINE_LIMIT)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = json.loads(await reader.readline())
         link = WorkerLink(hello["index"], hello["pid"], writer)
         self.links[link.index] = link
+        self.connected(link.index)
         try:
             while line := await reader.readline():
                 self._handle(link, json.loads(line))
@@ -303,7 +308,7 @@ class RemoteAdmission:
         self.series: Callable[[], list[Family]] = list
 
     async def connect(self, path: str) -> None:
-        reader, self._writer = await asyncio.open_unix_connection(path)
+        reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
         self._send({"index": self.index, "pid": os.getpid()})
         self._reader_task = asyncio.create_task(self._read(reader), name="coordination")
 

@@ -114,7 +114,7 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.workers = [_Worker(i) for i in range(settings.worker_count)]
-        self.authority = Authority(settings, self.describe)
+        self.authority = Authority(settings, self.describe, self._connected)
         self.stopping = False
 
     def describe(self) -> list[dict[str, Any]]:
@@ -166,10 +166,18 @@ class Supervisor:
             self._forward(signal.SIGHUP)
 
     def _forward(self, signum: int) -> None:
+        """To each worker that has connected: one still starting has no handler yet, and is told on connecting
+        (``_connected``), or reads the keys file fresh."""
         for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
+            link = self.authority.links.get(w.index)
+            if w.proc is not None and w.proc.returncode is None and link is not None and link.pid == w.proc.pid:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(signum)
+
+    def _connected(self, index: int) -> None:
+        proc = self.workers[index].proc
+        if self.stopping and proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
 
     async def _keep(self, worker: _Worker, sock: socket.socket, path: str) -> int:
         while True:
@@ -182,8 +190,6 @@ class Supervisor:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(dataclasses.asdict(self.settings)).encode())
             proc.stdin.close()
-            if self.stopping:
-                proc.send_signal(signal.SIGTERM)
             code = await proc.wait()
             if self.stopping:
                 log.log(logging.INFO if code == 0 else logging.WARNING, "worker %d (pid %d) exited %d",

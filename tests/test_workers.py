@@ -39,6 +39,9 @@ def stack(*flags: str, sim_flags: tuple[str, ...] = ()) -> Iterator[tuple[str, s
         yield sim_url, gw_url, gw
     finally:
         if gw is not None:
+            if gw.proc.poll() is None:  # drained, so that the parent removes its coordination socket
+                gw.signal(signal.SIGTERM)
+                gw.wait(30)
             gw.stop()
         sim.stop()
 
@@ -90,8 +93,13 @@ def answered(text: str, status: str = "200") -> float:
 
 
 def cumulative(text: str) -> dict[Any, float]:
-    """Every counter and histogram sample: what may never go down."""
-    return {k: v for k, v in samples(text).items() if k[0].endswith(("_total", "_count", "_sum", "_bucket"))}
+    """Every gateway counter and histogram sample: what may never go down (process_* and python_* are the
+    answering worker's own)."""
+    return {
+        k: v
+        for k, v in samples(text).items()
+        if k[0].startswith("gateway_") and k[0].endswith(("_total", "_count", "_sum", "_bucket"))
+    }
 
 
 async def test_both_workers_serve_and_every_scrape_gives_the_same_exact_totals() -> None:
@@ -174,8 +182,9 @@ async def test_sigterm_drains_both_workers_and_the_parent_exits_0() -> None:
         gw.signal(signal.SIGTERM)
         results = await asyncio.gather(*requests)
         assert [status for status, _ in results] == [200] * 8  # in flight when the drain began: finished
-        assert await asyncio.to_thread(gw.wait) == 0
+        code = await asyncio.to_thread(gw.wait)
         output = gw.output()
+        assert code == 0, output
         for w in workers:
             assert f"worker {w['index']} (pid {w['pid']}) exited 0" in output
         assert "every worker exited (0, 0)" in output
