@@ -77,6 +77,19 @@ def _tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
+BYTES_PER_TOKEN = 4  # what a body the gateway does not parse is charged: a token per 4 bytes
+
+
+def named_model(raw: bytes | bytearray) -> str:
+    """The ``model`` a JSON body of another /v1 route names ("" when none or not JSON: the engine answers)."""
+    try:
+        obj = json.loads(_decode(raw))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return ""
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model if isinstance(model, str) else ""
+
+
 def is_glm4(model: str) -> bool:
     name = model.lower().replace("-", "").replace("_", "")
     return "glm4" in name
@@ -116,7 +129,10 @@ def parse_generation(path: str, raw: bytes | bytearray, *, glm_stops: Callable[[
         added["stop_token_ids"] = list(GLM4_STOP_TOKEN_IDS)
     strip_usage = bool(stream) and not (stream_options and stream_options.get("include_usage"))
     if strip_usage:
-        added["stream_options"] = {**(stream_options or {}), "include_usage": True}
+        options = {**(stream_options or {}), "include_usage": True}
+        if options.get("continuous_usage_stats"):  # vLLM sends usage per chunk only with include_usage
+            options["continuous_usage_stats"] = False
+        added["stream_options"] = options
     body = raw
     if any(key in obj for key in added):
         # the client sent the key (as null, or stream_options with other options): a field spliced in

@@ -20,7 +20,15 @@ from gateway.exchange import Exchange
 from gateway.headers import filter_headers, request_id, to_engine
 from gateway.heartbeat import Heartbeat
 from gateway.metrics.gateway import UNKNOWN_MODEL, GatewayMetrics
-from gateway.protocol import GENERATION_PATHS, Generation, context_error, is_glm4, parse_generation
+from gateway.protocol import (
+    BYTES_PER_TOKEN,
+    GENERATION_PATHS,
+    Generation,
+    context_error,
+    is_glm4,
+    named_model,
+    parse_generation,
+)
 from gateway.routing.router import Route, Router
 from gateway.settings import Settings
 from gateway.upstreams import Upstream, UpstreamPool
@@ -215,6 +223,13 @@ class Proxy:
             ex.prompt_tokens = gen.prompt_tokens
             cost = gen.prompt_tokens + gen.output_budget(window)
             body = gen.body
+        elif admitted:  # embeddings, responses, Anthropic messages, batches: the model checked, bytes charged
+            if request.path.rstrip("/") in GENERATION_PATHS:
+                raise GatewayError("not_found", f"Not found: POST {request.path} (without the trailing slash?)")
+            model = named_model(body)
+            ex.model = self.model_label(model)
+            self.pool.serving(model)
+            cost = len(body) // BYTES_PER_TOKEN
         if not admitted:
             return await self._forward(request, body, gen, ex, self.router.plain(gen.model if gen else ""))
         if access is not None and key is not None:

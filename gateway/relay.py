@@ -21,6 +21,7 @@ SSE = "text/event-stream"
 DONE = b"data: [DONE]\n\n"
 _USAGE_CHUNK = b'"choices":[]'
 _TERMINAL = b'"finish_reason":"'  # a choice's last chunk (finish_reason not null)
+_ERROR_EVENT = b'data: {"error"'
 _BUSY = re.compile(rb"currently busy|backlog limit")  # vLLM 0.33's 503s when its own queue is full
 _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
 
@@ -175,6 +176,9 @@ class Relay:
                 else:
                     chunk, carry = chunk[:end], chunk[end:]
                 n = chunk.count(b"\n\n") - comment_blocks(chunk)
+                if not n and held:
+                    held += chunk  # a comment does not overtake what is held back
+                    continue
                 if n:
                     now = perf_counter()
                     if first:
@@ -184,8 +188,11 @@ class Relay:
                         waiting = None
                     if chunk.endswith(DONE):
                         n -= 1
-                    if last == 0.0 and b'"role"' in chunk:
-                        n -= 1  # the role-only first chunk of a chat stream carries no token
+                    if last == 0.0 and b'"role":' in chunk:
+                        n -= chunk.count(b'"role":')  # the role-only first chunks (one per choice): no token
+                    if _ERROR_EVENT in chunk:  # the engine's own failure after its 200: no token either
+                        n -= chunk.count(_ERROR_EVENT)
+                        ex.error_type = "upstream_error"
                     if _USAGE_CHUNK in chunk:
                         chunk = self._take_usage(held + chunk if held else chunk, strip, ex)
                         held = b""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -23,6 +25,7 @@ from tests.harness import (
     sim_in,
     value,
 )
+from tests.test_client import answering, read_request, scripted
 
 pytestmark = pytest.mark.timeout(60)
 COMPLETIONS = "/v1/completions"
@@ -140,3 +143,88 @@ async def test_forwarded_headers(stack: contextlib.AsyncExitStack) -> None:
     assert sent["authorization"] == "Bearer engine-secret"
     assert sent["x-request-id"] == returned_id
     await settled(gw, sim)
+
+
+# -- routes the gateway does not parse, and what engines say inside a stream ------------------------------
+
+
+async def test_other_v1_posts_are_checked_and_charged(stack: contextlib.AsyncExitStack, tmp_path: Path) -> None:
+    """/v1/responses, Anthropic's /v1/messages, batches: the model a key may use and the token budget hold
+    there too (a token per 4 body bytes); a generation path with a trailing slash is a 404, not a bypass."""
+    sim = await sim_in(stack)
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[[key]]\nname = "narrow"\nkey = "{"n" * 20}"\nmodels = ["another-model"]\n', encoding="utf-8")
+    gw = await gateway_in(stack, [sim.url], keys_file=str(keys), max_tokens_in_flight=1000)
+    auth = {"Authorization": f"Bearer {'n' * 20}"}
+    for path in ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch"):
+        status, _, raw = await post(gw.url + path, json_body={"model": MODEL, "input": "hi"}, headers=auth)
+        assert status == 403, (path, raw)
+        error_body(json.loads(raw), code="model_not_allowed", type="permission_error", param="model")
+    status, _, raw = await post(gw.url + CHAT + "/", json_body={"model": MODEL, "messages": HELLO}, headers=auth)
+    assert status == 404, raw
+    open_gw = await gateway_in(stack, [sim.url], max_tokens_in_flight=1000)
+    status, _, raw = await post(open_gw.url + "/v1/responses", json_body={"model": MODEL, "input": "x" * 8000})
+    assert status == 400, raw  # 2,000 tokens charged: more than the whole budget
+    error_body(json.loads(raw), code="tokens_budget", type="invalid_request_error")
+    assert sim.journal == []
+    await settled(gw, sim)
+    await settled(open_gw, sim)
+
+
+def _sse(*events: bytes) -> bytes:
+    body = b"".join(b"data: " + e + b"\n\n" for e in events)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return head + body
+
+
+async def test_an_engine_error_event_is_an_error_not_a_token(stack: contextlib.AsyncExitStack) -> None:
+    role = (
+        b'{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
+    )
+    error = b'{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}'
+    async with scripted(answering(_sse(role, error, b"[DONE]"))) as (url, _):
+        gw = await gateway_in(stack, [url], wait_ready=False)
+        body = {"model": MODEL, "messages": HELLO, "stream": True}
+        async with aiohttp.ClientSession() as s, s.post(gw.url + CHAT, json=body) as r:
+            assert r.status == 200
+            assert b'"message":"boom"' in await r.read()
+        text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total", error_type="upstream_error") == 1
+    assert value(text, "gateway_completion_tokens_sum") == 0
+    assert value(text, "gateway_time_to_first_token_seconds_count") == 0
+
+
+async def test_continuous_usage_stats_stay_off_when_the_gateway_asks_for_usage(gw: Gw, sim: Sim) -> None:
+    body = {"model": MODEL, "messages": HELLO, "stream": True, "stream_options": {"continuous_usage_stats": True}}
+    async with aiohttp.ClientSession() as s, s.post(gw.url + CHAT, json=body) as r:
+        raw = await r.read()
+    assert b'"usage"' not in raw  # without include_usage vLLM sends no usage at all
+    assert sim.journal[-1]["body"]["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+    await settled(gw, sim)
+
+
+async def test_two_choices_role_chunks_in_one_read_are_not_the_first_token(stack: contextlib.AsyncExitStack) -> None:
+    """n=2: both role-only chunks arrive together, the tokens 0.3 s later: TTFT is the tokens' arrival."""
+
+    def chunk(index: int, delta: bytes) -> bytes:
+        return b'data: {"object":"chat.completion.chunk","choices":[{"index":%d,"delta":%s}]}\n\n' % (index, delta)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        writer.write(chunk(0, b'{"role":"assistant"}') + chunk(1, b'{"role":"assistant"}'))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(chunk(0, b'{"content":"a"}') + chunk(1, b'{"content":"b"}') + b"data: [DONE]\n\n")
+        await writer.drain()
+
+    async with scripted(script) as (url, _):
+        gw = await gateway_in(stack, [url], wait_ready=False)
+        body = {"model": MODEL, "messages": HELLO, "stream": True, "n": 2}
+        async with aiohttp.ClientSession() as s, s.post(gw.url + CHAT, json=body) as r:
+            assert r.status == 200
+            await r.read()
+        text = await gw.metrics()
+    assert value(text, "gateway_time_to_first_token_seconds_count") == 1
+    assert value(text, "gateway_time_to_first_token_seconds_sum") >= 0.3  # not the role chunks' arrival
+    assert value(text, "gateway_completion_tokens_sum") == 2

@@ -99,11 +99,9 @@ class Access:
 
     async def charge(self, request: web.Request, key: Key, gen: Generation | None, cost: int, ex: Exchange) -> None:
         """The key's model list and prompt cap, then its rate limits: ``cost`` tokens taken until settled."""
+        if ex.model and not key.may_use(ex.model):
+            raise GatewayError("model_not_allowed", f"This API key may not use the model {ex.model!r}.", param="model")
         if gen is not None:
-            if not key.may_use(ex.model):
-                raise GatewayError(
-                    "model_not_allowed", f"This API key may not use the model {gen.model!r}.", param="model"
-                )
             if key.max_prompt_tokens and gen.prompt_tokens > key.max_prompt_tokens:
                 raise GatewayError(
                     "max_prompt_tokens",
