@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
@@ -164,6 +165,20 @@ class ClientConnection(RequestHandler):
                 headers=CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() != "expect")
             )
         return await super()._handle_request(request, start_time, request_handler)
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """A request aiohttp's parser refused (malformed, smuggling): one log line and a JSON 400, not a
+        traceback in the log per request, which a client could send at will."""
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        self._listener.closed("malformed")
+        log.info("refused a malformed request from %s: %s", request.remote, exc.message.splitlines()[0:1])
+        error = GatewayError("invalid_request", "The request is not valid HTTP/1.1.")
+        response = web.Response(status=status, body=error.body(), content_type="application/json")
+        response.force_close()
+        return response
 
     @staticmethod
     def _refusal(request: BaseRequest) -> bytes | None:

@@ -260,10 +260,12 @@ async def test_request_smuggling_forms_are_refused_and_reach_no_engine() -> None
         for name, raw in SMUGGLING.items():
             reader, writer = await connect(gw)
             writer.write(raw)
-            status = (await reader.readuntil(b"\r\n")).decode()
+            status, _, body = await read_answer(reader)
             assert status.split()[1] == "400", (name, status)
+            error_body(json.loads(body), code="invalid_request", type="invalid_request_error")
             assert await closed(reader), name
             writer.close()
+        assert await closes(gw, "malformed") == len(SMUGGLING)
         assert sim.journal == []
         await settled(gw, sim)
 

@@ -223,7 +223,7 @@ class GatewayMetrics:
         self.client_connections_closed = Counter(
             "gateway_client_connections_closed",
             "Client connections the gateway closed itself, by reason: header_timeout, body_timeout, "
-            "max_connections (refused at accept), bad_version.",
+            "max_connections (refused at accept), bad_version, malformed (refused by the HTTP parser).",
             ("reason",),
             registry=registry,
         )
