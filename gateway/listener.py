@@ -174,7 +174,8 @@ class ClientConnection(RequestHandler):
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
         self._listener.closed("malformed")
-        log.info("refused a malformed request from %s: %s", request.remote, exc.message.splitlines()[0:1])
+        reason = next(iter(str(exc.message).splitlines()), "")
+        log.info("refused a malformed request from %s: %s", request.remote, reason)
         error = GatewayError("invalid_request", "The request is not valid HTTP/1.1.")
         response = web.Response(status=status, body=error.body(), content_type="application/json")
         response.force_close()
