@@ -117,7 +117,13 @@ async def _run_demo(ns: argparse.Namespace) -> int:
     sim_runner = await serve_sim(engine, "127.0.0.1", ns.sim_port)
     sim_url = f"http://127.0.0.1:{bound_port(sim_runner)}"
     settings = dataclasses.replace(
-        Settings(), host="127.0.0.1", port=ns.port, upstream=[sim_url], drain_timeout=5.0, log_level="warning"
+        Settings(),
+        host="127.0.0.1",
+        port=ns.port,
+        upstream=[sim_url],
+        drain_timeout=5.0,
+        log_level="warning",
+        max_connections=1024,  # a demo on a laptop: no open-files warning where the hard limit is low
     )
 
     def announce(url: str) -> None:

@@ -44,7 +44,7 @@ class GatewayExhausted(Exception):
 
 
 # connect() failures that are this process's or this host's, not the engine's
-_LOCAL_EXHAUSTION = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
+LOCAL_EXHAUSTION = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 
 
 class EngineError(Exception):
@@ -57,6 +57,10 @@ class EngineTimeout(EngineError):
 
 class EngineBrokeOff(EngineError):
     """The engine closed the connection, or sent what is not HTTP, before its answer was complete."""
+
+
+class EngineAborted(EngineBrokeOff):
+    """The gateway itself cut the answer off (the drain's deadline): the engine did nothing wrong."""
 
 
 class _Stale(EngineBrokeOff):
@@ -448,7 +452,7 @@ class EngineClient:
         except MemoryError:
             raise GatewayExhausted("out of memory") from None
         except OSError as exc:
-            if exc.errno in _LOCAL_EXHAUSTION:
+            if exc.errno in LOCAL_EXHAUSTION:
                 raise GatewayExhausted(exc.strerror or str(exc)) from None
             raise EngineUnreachable(f"cannot connect: {(exc.strerror or str(exc)).lower()}") from None
         return conn
@@ -457,7 +461,7 @@ class EngineClient:
         """Fail every answer in progress with ``reason`` (the drain's deadline): each request's relay ends it."""
         for origin in self._origins.values():
             for conn in [c for c in origin.open if c not in origin.idle]:
-                conn._fail(EngineBrokeOff(reason))
+                conn._fail(EngineAborted(reason))
 
     def close(self) -> None:
         for origin in self._origins.values():

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import __version__
+from gateway.client import LOCAL_EXHAUSTION
 from gateway.errors import ERROR_TYPES
 from gateway.exchange import Exchange
 from gateway.proxy import DEFAULT_CONTEXT_WINDOW
@@ -64,6 +65,9 @@ class HealthChecker:
             self.gw.pool.record_check(upstream, str(exc), None)
             return
         except aiohttp.ClientConnectorError as exc:
+            if exc.os_error.errno in LOCAL_EXHAUSTION:  # the gateway's own failure: says nothing of the engine
+                log.warning("health check of %s skipped: %s", upstream.name, exc.os_error.strerror)
+                return
             self.gw.pool.record_check(upstream, f"cannot connect ({exc.os_error.strerror or exc.os_error})", None)
             return
         except aiohttp.ClientError as exc:

@@ -9,7 +9,7 @@ from time import perf_counter
 
 from aiohttp import web
 
-from gateway.client import EngineConnection, EngineError, EngineTimeout
+from gateway.client import EngineAborted, EngineConnection, EngineError, EngineTimeout
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from gateway.metrics.gateway import GatewayMetrics
@@ -27,7 +27,10 @@ _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)',
 
 
 def engine_error(exc: EngineError, read_timeout: float) -> GatewayError:
-    """The engine failed before the client got a byte: a timeout is a 504, anything else a 502."""
+    """The engine failed before the client got a byte: a timeout is a 504, the drain's cut a 503, anything
+    else a 502."""
+    if isinstance(exc, EngineAborted):
+        return GatewayError("draining", f"The request was cut off: {exc}. Retry on another instance.", retry_after=1)
     if isinstance(exc, EngineTimeout):
         return GatewayError("upstream_timeout", f"The engine was silent for {read_timeout:g} s.")
     return GatewayError("upstream_error", f"The engine failed the request: {exc}.")
@@ -258,6 +261,9 @@ class Relay:
         return before + chunk[end:]
 
     def _broken(self, request: web.Request, ex: Exchange, exc: BaseException) -> None:
+        if isinstance(exc, EngineAborted):
+            ex.error_type = "draining"  # the gateway's own cut, not the engine's failure
+            return
         ex.error_type = "upstream_timeout" if isinstance(exc, EngineTimeout) else "upstream_error"
         log.warning(
             "request %s: %s %s: the engine %s broke off the response: %s",

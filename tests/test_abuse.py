@@ -343,6 +343,7 @@ async def test_streams_still_running_at_the_drain_deadline_end_with_an_error_eve
         at = rest.rindex(b'data: {"error"')
         error, _, after = rest[at + len(b"data: ") :].partition(b"\n\n")
         assert set(json.loads(error)) == {"error"} and json.loads(error)["error"]["message"]
+        assert json.loads(error)["error"]["code"] == "draining"  # the gateway's cut, not an engine failure
         assert after.startswith(b"data: [DONE]\n\n")  # written together with the error event, in one chunk
         assert await asyncio.to_thread(gw.wait, 30) == 0
     finally:

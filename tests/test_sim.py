@@ -450,3 +450,11 @@ def test_bad_options_exit_2_naming_the_option(args: list[str], env: dict[str, st
         assert "Traceback" not in proc.output()
     finally:
         proc.stop()
+
+
+@BOTH
+async def test_an_empty_prompt_is_answered_not_a_500(stack: contextlib.AsyncExitStack, generation: str) -> None:
+    sim = await sim_in(stack, vllm_compat=generation)
+    status, _, raw = await post(sim.url + COMPLETIONS, json_body={"model": MODEL, "prompt": "", "max_tokens": 2})
+    assert status == 200, raw
+    assert value(await sim_metrics(sim), "vllm:prefix_cache_hits_total") == 0

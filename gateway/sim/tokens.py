@@ -69,7 +69,7 @@ class PrefixCache:
             if len(self.blocks) > self.capacity:
                 self.blocks.popitem(last=False)
         # as vLLM, the last prompt token is always computed: a fully cached prompt recomputes its last block
-        return min(cached, (len(tokens) - 1) // BLOCK_SIZE * BLOCK_SIZE)
+        return max(0, min(cached, (len(tokens) - 1) // BLOCK_SIZE * BLOCK_SIZE))
 
     def clear(self) -> None:
         self.blocks.clear()
