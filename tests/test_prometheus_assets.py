@@ -47,6 +47,11 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         *_histogram("gateway_prompt_tokens"),
         *_histogram("gateway_completion_tokens"),
         *_histogram("gateway_prefill_tokens_per_second"),
+        # routing across engines
+        "gateway_routing_decisions_total",
+        "gateway_retries_total",
+        "gateway_upstream_breaker_state",
+        "gateway_upstream_kv_free_tokens",
         # long requests
         "gateway_oldest_request_age_seconds",
         "gateway_upstream_read_timeout_seconds",

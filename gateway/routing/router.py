@@ -27,6 +27,7 @@ from gateway.settings import Settings, parse_upstream
 from gateway.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("gateway.routing")
+RETRY_REASONS = ("unreachable", "unavailable")  # a refused connection; a 503 before any byte
 
 AFFINITY, FALLBACK, LEAST, RETRY = "affinity", "fallback", "least_load", "retry"
 
@@ -93,6 +94,8 @@ class Router:
             name = state.upstream.name
             metrics.breaker_state.labels(name).set_function(lambda s=state: STATE_VALUES[s.breaker.state()])
             metrics.kv_free.labels(name).set_function(lambda s=state: _finite(s.room(time.monotonic())))
+            for reason in RETRY_REASONS:  # created at 0, so rate() sees a first retry
+                metrics.child(metrics.retries, name, reason)
 
     @property
     def waiting(self) -> int:
