@@ -217,6 +217,11 @@ async def _serve_worker(settings: Settings, fd: int, index: int, workers: int, p
     gateway = WorkerGateway(settings, remote, workers)
     runner = make_runner(gateway.app(), settings, gateway.metrics)
     await runner.setup()
+    # one round of engine checks before taking connections: a worker that knew no engine yet would label
+    # its first requests' model "other" and route them blind while its siblings already know better
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2 * settings.health_timeout + 1):
+            await gateway.health.check_all()
     await web.SockSite(runner, socket.socket(fileno=fd)).start()
     log.info("worker %d (pid %d) serving", index, os.getpid())
     try:
