@@ -27,6 +27,14 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED = HOP_BY_HOP | {"x-forwarded-for", "content-encoding", "cookie"}
 _IDENTITY = ("Accept-Encoding", "identity")  # the relay reads SSE events and usage counts: no compression
 _NOT_FORWARDED_AND_ENCODING = NOT_FORWARDED | {"accept-encoding"}
+# with API keys the client's key is the gateway's business, never the engine's
+_CREDENTIALS = frozenset(("authorization", "x-api-key"))
+_DROPPED = {  # (generation, keyed) -> what the engine does not get
+    (False, False): NOT_FORWARDED,
+    (True, False): _NOT_FORWARDED_AND_ENCODING,
+    (False, True): NOT_FORWARDED | _CREDENTIALS,
+    (True, True): _NOT_FORWARDED_AND_ENCODING | _CREDENTIALS,
+}
 
 
 def request_id(request: web.Request) -> str:
@@ -49,11 +57,13 @@ def filter_headers(
     return out
 
 
-def to_engine(request: web.Request, rid: str, *, generation: bool) -> list[tuple[str, str]]:
-    """The headers the engine gets; a generation's answer comes uncompressed (the relay reads its events)."""
+def to_engine(request: web.Request, rid: str, *, generation: bool, keyed: bool) -> list[tuple[str, str]]:
+    """The headers the engine gets: without the client's key when the gateway checks keys (``keyed``); a
+    generation's answer uncompressed (the relay reads its events)."""
     peer = request.remote or "unknown"
     prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     forwarded = ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer)  # as nginx's $proxy_add_x_forwarded_for
+    drop = _DROPPED[generation, keyed]
     if generation:
-        return filter_headers(request.headers, rid, _IDENTITY, forwarded, drop=_NOT_FORWARDED_AND_ENCODING)
-    return filter_headers(request.headers, rid, forwarded, drop=NOT_FORWARDED)
+        return filter_headers(request.headers, rid, _IDENTITY, forwarded, drop=drop)
+    return filter_headers(request.headers, rid, forwarded, drop=drop)

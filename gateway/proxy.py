@@ -12,7 +12,6 @@ from aiohttp import web
 
 from gateway import relay
 from gateway.access.guard import Access
-from gateway.access.keys import CREDENTIALS
 from gateway.admission import Admission
 from gateway.client import EngineClient, EngineConnection, EngineError, EngineUnreachable, GatewayExhausted
 from gateway.errors import GatewayError
@@ -291,9 +290,7 @@ class Proxy:
         """Send the request to the route's engines in turn.  An engine that refuses the connection, or that
         answers 503 (its own queue is full) while another ready engine is left, is skipped: it did no work.
         Never after the request was written and the connection then failed: the engine may have read it."""
-        headers = to_engine(request, ex.request_id, generation=gen is not None)
-        if self.access is not None:  # the client's key is the gateway's business, never the engine's
-            headers = [h for h in headers if h[0].lower() not in CREDENTIALS]
+        headers = to_engine(request, ex.request_id, generation=gen is not None, keyed=self.access is not None)
         target = request.raw_path
         if not target.startswith("/"):  # absolute-form: the engine gets the path alone
             target = request.rel_url.raw_path_qs

@@ -14,8 +14,6 @@ from typing import Any
 
 log = logging.getLogger("gateway.access")
 
-# the client's credentials: with keys configured, they are the gateway's business and never the engine's
-CREDENTIALS = frozenset(("authorization", "x-api-key"))
 ANONYMOUS = "anonymous"
 _LIMITS = ("max_concurrency", "requests_per_minute", "tokens_per_minute", "max_prompt_tokens")
 _FIELDS = frozenset(("name", "sha256", "key", "models", "weight", "admin", *_LIMITS))
