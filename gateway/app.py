@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -33,9 +33,10 @@ from gateway.metrics.gpu import GpuCollector
 from gateway.metrics.host import HostCollector
 from gateway.models import ModelList
 from gateway.proxy import ENDPOINTS, Proxy
+from gateway.routing.discovery import Discovery
 from gateway.routing.router import Router
-from gateway.settings import Settings
-from gateway.upstreams import UpstreamPool, client_session
+from gateway.settings import Settings, UpstreamSpec
+from gateway.upstreams import Upstream, UpstreamPool, client_session
 
 log = logging.getLogger("gateway")
 
@@ -60,11 +61,9 @@ class Gateway:
             fair=bool(settings.api_key or settings.keys_file),
         )
         self.pool = UpstreamPool(settings.upstream, settings.health_fail_threshold, settings.health_success_threshold)
-        self.engines = EngineCollector(
-            EngineSource(u.url, settings.engine_metrics_timeout, settings.engine_metrics_max_age, u.name)
-            for u in self.pool.upstreams
-        )
+        self.engines = EngineCollector(map(self._source, self.pool.upstreams))
         self.router = Router(settings, self.pool, self.engines, self.metrics)
+        self.discovery = Discovery.of(settings, self.set_engines, self.metrics)  # None: no DNS name to follow
         self.proxy = Proxy(settings, self.admission, self.pool, self.router, self.metrics)
         self.access = Access.from_settings(settings, self.admission, self.metrics)
         if self.access is not None:
@@ -101,19 +100,41 @@ class Gateway:
             (m.oldest_age.labels("queued"), lambda: self.proxy.oldest_age("queued")),
             (m.oldest_age.labels("forwarded"), lambda: self.proxy.oldest_age("forwarded")),
         ]
-        for upstream in self.pool.upstreams:
-            readings.append((m.upstream_up.labels(upstream.name), lambda u=upstream: u.up))
-            readings.append((m.upstream_in_flight.labels(upstream.name), lambda u=upstream: u.in_flight))
         for gauge, read in readings:
             gauge.set_function(read)  # type: ignore[attr-defined]
+        self._upstream_gauges(self.pool.upstreams)
+
+    def _upstream_gauges(self, upstreams: Sequence[Upstream]) -> None:
+        m = self.metrics
+        for upstream in upstreams:
+            m.upstream_up.labels(upstream.name).set_function(lambda u=upstream: u.up)
+            m.upstream_in_flight.labels(upstream.name).set_function(lambda u=upstream: u.in_flight)
+
+    def _source(self, upstream: Upstream) -> EngineSource:
+        s = self.settings
+        return EngineSource(upstream.url, s.engine_metrics_timeout, s.engine_metrics_max_age, upstream.name)
+
+    def set_engines(self, specs: Sequence[UpstreamSpec]) -> None:
+        """Make the engines these, in this order (README: Discovery): a new one joins the health checks, the
+        scrape, routing and the metrics; a removed one gets no new request, its requests in flight finish, and its
+        series leave /metrics once nothing is in flight to it.  The same list again changes nothing."""
+        added, removed = self.pool.reconcile(specs)
+        if added or removed:
+            self.engines.follow(map(self._source, added), (u.url for u in removed))
+            self.router.follow(added, removed)
+            self._upstream_gauges(added)
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the clients and the health checks live as long as the app."""
         self._session = client_session(self.settings)
-        tasks = (
+        if self.discovery is not None:  # the names' engines before the first health check and request
+            await self.discovery.refresh()
+        tasks = [
             asyncio.create_task(self.health.run(), name="health-checks"),
             asyncio.create_task(self.router.run(self._session), name="engine-load"),
-        )
+        ]
+        if self.discovery is not None:
+            tasks.append(asyncio.create_task(self.discovery.run(), name="dns-discovery"))
         yield
         for task in tasks:
             task.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -97,6 +98,23 @@ def _shown(text: str) -> str:
     spec = parse_upstream(text)
     shown = redact(spec.url) if spec.name == redact(spec.url) else f"{spec.name}={redact(spec.url)}"
     return shown if spec.weight == 1 else f"{shown};weight={spec.weight:g}"
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """``--dns-server`` as (IP address, port): ``10.96.0.10:53``, ``[fd00::a]:53``, or an address alone for port
+    53; raises ValueError."""
+    parts = urlsplit("//" + text.strip())
+    port = parts.port or 53  # raises ValueError for a port that is not a number up to 65535
+    ipaddress.ip_address(parts.hostname or "")
+    return str(parts.hostname), port
+
+
+def _dns_server_ok(text: str) -> bool:
+    try:
+        parse_dns_server(text)
+    except ValueError:
+        return False
+    return True
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -301,6 +319,14 @@ class Settings(_Options):
     breaker_failures: int = option(5, "failures in a row that open an engine's circuit breaker; 0 = off")
     breaker_cooldown: float = option(10.0, "seconds an open breaker waits before one probe request")
     slow_start: float = option(30.0, "seconds over which an engine that came back ramps up to its full share")
+    dns_interval: float = option(
+        30.0,
+        "seconds between resolutions of each http:// --upstream given by a DNS name: each address is an engine "
+        "(README: Discovery); 0 = off, a name is one engine",
+    )
+    dns_server: str = option(
+        "", "IP[:PORT] of the DNS server discovery asks instead of the system resolver (needs glm-gateway[dns])"
+    )
     glm_stop_tokens: bool = option(True, "add GLM-4's stop_token_ids when a GLM-4 model is served and none are sent")
     api_key: list[str] = option([], "API key clients must send (as vLLM's --api-key)", repeat=True, secret=True)
     keys_file: str = option("", "TOML file of API keys with names, SHA-256 digests and limits (README: Access)")
@@ -369,6 +395,8 @@ class Settings(_Options):
                 ("breaker_failures", self.breaker_failures >= 0, "0 (off) or more"),
                 ("breaker_cooldown", self.breaker_cooldown > 0, "more than 0"),
                 ("slow_start", self.slow_start >= 0, "0 (off) or more"),
+                ("dns_interval", self.dns_interval >= 0, "0 (off) or more"),
+                ("dns_server", not self.dns_server or _dns_server_ok(self.dns_server), "an IP address[:PORT]"),
                 *self._upstream_rules(),
             ),
             self._access_problems(),
@@ -405,7 +433,7 @@ class Settings(_Options):
         return out
 
     def _access_problems(self) -> list[str]:
-        """A keys file that does not load, or Redis limits without the redis client installed."""
+        """A keys file that does not load, or an option whose client library is not installed."""
         out = []
         if self.keys_file:
             try:
@@ -414,6 +442,8 @@ class Settings(_Options):
                 out.append(f"--keys-file {self.keys_file}: {exc}")
         if self.limits_redis and importlib.util.find_spec("redis") is None:
             out.append("--limits-redis needs the redis client: pip install 'glm-gateway[redis]'")
+        if self.dns_server and importlib.util.find_spec("dns") is None:
+            out.append("--dns-server needs dnspython: pip install 'glm-gateway[dns]'")
         return out
 
 

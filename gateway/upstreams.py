@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ import aiohttp
 
 from gateway.client import KEEPALIVE_TIMEOUT
 from gateway.errors import GatewayError
-from gateway.settings import Settings, parse_upstream, redact
+from gateway.settings import Settings, UpstreamSpec, parse_upstream, redact
 
 log = logging.getLogger("gateway.upstreams")
 
@@ -22,6 +23,7 @@ class Upstream:
 
     url: str  # where to connect, credentials included: never shown
     name: str = ""  # how logs, labels, /status and errors show it: never its credentials
+    weight: float = 1.0  # its routing share against a weight-1 engine
     up: bool = False
     in_flight: int = 0
     fails: int = 0
@@ -47,22 +49,43 @@ class UpstreamPool:
     """The engines, which serve which model, and their state from health checks (with hysteresis)."""
 
     def __init__(self, specs: list[str], fail_threshold: int, success_threshold: int) -> None:
-        parsed = {s.url: s for s in map(parse_upstream, specs)}  # one engine per URL
-        self.upstreams = [Upstream(s.url, s.name) for s in parsed.values()]
         self.fail_threshold = fail_threshold
         self.success_threshold = success_threshold
+        self.upstreams: list[Upstream] = []
         self._served: dict[str, int] = {}  # read on every request: rebuilt only when a check changes it
         self._serving: dict[str, list[Upstream]] = {}  # model -> the engines that serve it
-        self._unknown: list[Upstream] = list(self.upstreams)  # engines whose models no check has seen yet
-        for spec in parsed.values():
-            weight = f", weight {spec.weight:g}" if spec.weight != 1 else ""
-            log.info("upstream %s at %s%s: checking it", spec.name, redact(spec.url), weight)
+        self._unknown: list[Upstream] = []  # engines whose models no check has seen yet
+        parsed = [parse_upstream(s) for s in specs]
+        for spec in parsed:
             if spec.stripped_v1:
                 log.warning(
                     "upstream %s: the /v1 at the end of its URL was removed (the gateway adds /v1/... itself); "
                     "give the engine's base URL",
                     spec.name,
                 )
+        self.reconcile(parsed)
+
+    def reconcile(self, specs: Sequence[UpstreamSpec]) -> tuple[list[Upstream], list[Upstream]]:
+        """Make the engines these, in this order, one per URL: an engine still listed keeps its state (and takes
+        a changed weight); a new URL, or a new name for one, is a new engine.  Returns the engines added and
+        those removed: a removed one gets no new requests, and its requests in flight keep their reference."""
+        kept, added = [], []
+        current = {u.url: u for u in self.upstreams}
+        for spec in {s.url: s for s in specs}.values():
+            upstream = current.get(spec.url)
+            if upstream is None or upstream.name != spec.name:
+                upstream = Upstream(spec.url, spec.name, spec.weight)
+                added.append(upstream)
+                weight = f", weight {spec.weight:g}" if spec.weight != 1 else ""
+                log.info("upstream %s at %s%s: checking it", spec.name, redact(spec.url), weight)
+            upstream.weight = spec.weight
+            kept.append(upstream)
+        removed = [u for u in self.upstreams if all(u is not k for k in kept)]
+        for upstream in removed:
+            log.info("upstream %s left: no new requests; %d in flight finish there", upstream.name, upstream.in_flight)
+        self.upstreams = kept
+        self._index()
+        return added, removed
 
     def candidates(self, model: str = "") -> list[Upstream]:
         """The engines a request for ``model`` may go to: those serving it (a request naming none gets the first

@@ -103,7 +103,13 @@ class EngineCollector:
     def __init__(self, sources: Iterable[EngineSource]) -> None:
         self.sources = list(sources)
         self._text = b""
-        self._rendered_from: tuple[float, ...] = ()
+        self._rendered_from: tuple[float, ...] | None = None
+
+    def follow(self, added: Iterable[EngineSource], removed: Iterable[str]) -> None:
+        """The engines changed: scrape the added sources too; the removed URLs' series leave at once."""
+        gone = set(removed)
+        self.sources = [*(s for s in self.sources if s.url not in gone), *added]
+        self._rendered_from = None
 
     async def refresh(self, session: aiohttp.ClientSession) -> None:
         await asyncio.gather(*(s.refresh(session) for s in self.sources))

@@ -216,6 +216,19 @@ class GatewayMetrics:
             ("upstream",),
             registry=registry,
         )
+        self.dns_resolutions = Counter(
+            "gateway_dns_resolutions",
+            "Resolutions of the --upstream DNS names, by result: ok, no_address (the name has no A or AAAA "
+            "record), error (timeout, server failure); on any but ok the engines stay as last resolved.",
+            ("result",),
+            registry=registry,
+        )
+        self.upstream_changes = Counter(
+            "gateway_upstream_changes",
+            "Engines that DNS discovery added to the pool or removed from it.",
+            ("change",),
+            registry=registry,
+        )
         self.draining = Gauge("gateway_draining", "1 while the gateway drains before exit.", registry=registry)
         self.client_connections = Gauge(
             "gateway_client_connections", "Client connections open (--max-connections caps them).", registry=registry
@@ -240,6 +253,18 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def forget(self, upstream: str) -> None:
+        """Remove every series of an engine that left the pool, and the cached children that would bring them
+        back."""
+        per_engine = (
+            self.upstream_up, self.upstream_in_flight, self.retries, self.routing_decisions, self.breaker_state,
+            self.kv_free,
+        )  # fmt: skip
+        for metric in per_engine:
+            metric.remove_by_labels({"upstream": upstream})
+        for key in [k for k in self._children if k[0] in per_engine and k[1][0] == upstream]:
+            del self._children[key]
 
     @staticmethod
     def prompt_band(prompt_tokens: int | None) -> str:

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,7 +23,7 @@ from gateway.routing.breaker import STATE_VALUES, Breaker
 from gateway.routing.load import EngineState
 from gateway.routing.policies import LEAST_LOAD, SESSION, bounded, least_load, preference
 from gateway.routing.retries import RetryBudget
-from gateway.settings import Settings, parse_upstream
+from gateway.settings import Settings
 from gateway.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("gateway.routing")
@@ -55,6 +55,7 @@ class Route:
 class _Waiter:
     future: asyncio.Future[Route]
     cost: int
+    model: str
     states: list[EngineState]
     key: bytes | None
 
@@ -74,28 +75,65 @@ class Router:
         self.pool = pool
         self.metrics = metrics
         self.engines = engines  # the scrape of each engine's /metrics, shared with the gateway's /metrics page
-        sources = {s.url: s for s in engines.sources}
-        weights = {spec.url: spec.weight for spec in map(parse_upstream, settings.upstream)}
         # a view is stale after three missed reads: a round of reads waits for the slowest engine (up to the
         # timeout) and a read may serve the cache, up to its age
         every = max(settings.engine_load_interval, settings.engine_metrics_max_age)
-        stale = 3 * (every + settings.engine_metrics_timeout)
-        self.states = {
-            u: EngineState(
-                u, sources.get(u.url), Breaker(u.name, settings.breaker_failures, settings.breaker_cooldown),
-                weight=weights.get(u.url, 1.0), headroom=settings.kv_headroom, slow_start=settings.slow_start,
-                stale_after=stale,
-            )
-            for u in pool.upstreams
-        }  # fmt: skip
+        self.stale = 3 * (every + settings.engine_metrics_timeout)
+        self.states: dict[Upstream, EngineState] = {}  # the pool's engines, and those leaving it (see follow)
+        self._leaving: list[Upstream] = []
         self.budget = RetryBudget(settings.retry_budget)
         self._waiters: deque[_Waiter] = deque()
-        for state in self.states.values():
-            name = state.upstream.name
-            metrics.breaker_state.labels(name).set_function(lambda s=state: STATE_VALUES[s.breaker.state()])
-            metrics.kv_free.labels(name).set_function(lambda s=state: _finite(s.room(time.monotonic())))
+        self.follow(pool.upstreams, (), joined=False)
+
+    def follow(self, added: Iterable[Upstream], removed: Iterable[Upstream], *, joined: bool = True) -> None:
+        """The pool changed (``UpstreamPool.reconcile``): an added engine gets its state, breaker and series
+        (``joined``: its first good check starts a slow start, as for an engine that came back); a removed one
+        gets no new request, and its state and series stay until nothing is in flight to it (dropped at the next
+        release of a request or read of the engines' load).  Requests waiting for KV room look again, among the
+        engines now serving their model."""
+        m, cfg = self.metrics, self.settings
+        sources = {source.url: source for source in self.engines.sources}
+        for upstream in added:
+            breaker = Breaker(upstream.name, cfg.breaker_failures, cfg.breaker_cooldown)
+            state = EngineState(
+                upstream, sources.get(upstream.url), breaker, weight=upstream.weight, headroom=cfg.kv_headroom,
+                slow_start=cfg.slow_start, stale_after=self.stale,
+            )  # fmt: skip
+            if joined:
+                state.was_up = False
+            self.states[upstream] = state
+            name = upstream.name
+            m.breaker_state.labels(name).set_function(lambda s=state: STATE_VALUES[s.breaker.state()])
+            m.kv_free.labels(name).set_function(lambda s=state: _finite(s.room(time.monotonic())))
             for reason in RETRY_REASONS:  # created at 0, so rate() sees a first retry
-                metrics.child(metrics.retries, name, reason)
+                m.child(m.retries, name, reason)
+        self._leaving.extend(removed)
+        self._drop_idle()
+        for upstream in self.pool.upstreams:
+            self.states[upstream].weight = upstream.weight
+        for waiter in self._waiters:
+            try:
+                waiter.states = self._serving(waiter.model)
+            except GatewayError:  # no engine serves its model any more: the connection step says so
+                waiter.states = []
+        self._wake()
+
+    def _drop_idle(self) -> None:
+        """Engines that left the pool and have nothing in flight any more: their state and series go (unless an
+        engine of the same name joined since)."""
+        idle = [u for u in self._leaving if not u.in_flight and not self.states[u].tokens]
+        if not idle:
+            return
+        names = {u.name for u in self.pool.upstreams}
+        for upstream in idle:
+            self._leaving.remove(upstream)
+            del self.states[upstream]
+            if upstream.name not in names:
+                self.metrics.forget(upstream.name)
+
+    def leaving(self) -> list[dict[str, object]]:
+        """The engines removed from the pool whose requests are still running (/status)."""
+        return [{"name": u.name, "in_flight": u.in_flight} for u in self._leaving]
 
     @property
     def waiting(self) -> int:
@@ -112,6 +150,7 @@ class Router:
                 now = time.monotonic()
                 for state in self.states.values():
                     state.update(now)
+                self._drop_idle()
                 self._wake()
             except Exception:  # a bug here must not freeze every engine's load for good
                 log.exception("engine load refresh failed")
@@ -150,7 +189,7 @@ class Router:
             route = self._choose(cost, states, key, now)
             if route is not None:
                 return route
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, states, key)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, model, states, key)
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
@@ -237,29 +276,37 @@ class Router:
         if route.tries >= self.settings.retries or not self.budget.allow():
             return False
         route.tries += 1
-        self.metrics.child(self.metrics.retries, left.name, reason).inc()
-        if route.held is not None:  # an admitted request: its tokens and its decision move along
-            route.hold(self.states[to], time.monotonic())
+        if left in self.states:  # not an engine that left the pool and is gone already (its series are)
+            self.metrics.child(self.metrics.retries, left.name, reason).inc()
+        state = self.states.get(to)
+        if route.held is not None and state is not None:  # an admitted request: its tokens and decision move along
+            route.hold(state, time.monotonic())
             self._decided(to, RETRY)
         return True
 
     def answered(self, upstream: Upstream, status: int) -> None:
         """The engine's answer's head: a 5xx other than 503 (busy, its own queue full) counts as a failure."""
-        breaker = self.states[upstream].breaker
+        state = self.states.get(upstream)
+        if state is None:  # it left the pool while the request ran
+            return
         if status >= 500 and status != 503:
-            breaker.failure(f"HTTP {status}")
+            state.breaker.failure(f"HTTP {status}")
         else:
-            breaker.success()
+            state.breaker.success()
 
     def failed(self, upstream: Upstream, reason: str) -> None:
         """No answer from the engine: refused, reset or timed out before its head."""
-        self.states[upstream].breaker.failure(reason)
+        state = self.states.get(upstream)
+        if state is not None:
+            state.breaker.failure(reason)
 
     def release(self, route: Route) -> None:
         """The request finished: its tokens leave the engine that held them; waiting requests may fit now."""
         if route.held is not None:
             route.held.tokens -= route.cost
             route.held = None
+            if self._leaving:
+                self._drop_idle()
             if self._waiters:
                 self._wake()
 
