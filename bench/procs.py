@@ -148,12 +148,17 @@ class Proc:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def children(self) -> list[int]:
+        """The process's children: nginx's worker, the gateway's ``--workers``."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children", encoding="ascii") as f:
+                return [int(pid) for pid in f.read().split()]
+        except OSError:
+            return []
+
     def all_cpu_seconds(self) -> float:
-        """CPU time of the process and, for nginx, its worker."""
-        total = self.cpu_seconds(self.pid)
-        if self.serving_pid() != self.pid:
-            total += self.cpu_seconds()
-        return total
+        """CPU time of the process and its children (nginx's worker, the gateway's workers)."""
+        return self.cpu_seconds(self.pid) + sum(self.cpu_seconds(pid) for pid in self.children())
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -176,12 +181,8 @@ class Proc:
 
 class Nginx(Proc):
     def serving_pid(self) -> int:
-        try:
-            with open(f"/proc/{self.pid}/task/{self.pid}/children", encoding="ascii") as f:
-                children = f.read().split()
-        except OSError:
-            children = []
-        return int(children[0]) if children else self.pid
+        children = self.children()
+        return children[0] if children else self.pid
 
 
 def foreign_cpu_mark() -> tuple[float, float, float]:
@@ -204,6 +205,13 @@ def start_sim(workdir: Path, cpus: frozenset[int], **settings: float | int | str
     for key, value in settings.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     return _started(Proc("sim", args, cpus, workdir / "sim.log"), port, "/health")
+
+
+def start_engine(workdir: Path, cpus: frozenset[int], itl: float) -> Proc:
+    """bench.engine: pre-built answers, far cheaper per request than the sim (see its docstring)."""
+    port = free_port()
+    args = [sys.executable, "-m", "bench.engine", "--port", str(port), "--itl", str(itl)]
+    return _started(Proc("engine", args, cpus, workdir / "engine.log"), port, "/health")
 
 
 def start_gateway(workdir: Path, cpus: frozenset[int], upstream: str, *extra: str, name: str = "gateway") -> Proc:

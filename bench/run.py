@@ -31,7 +31,7 @@ def _workloads(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a list of workload numbers: {text!r}") from None
     unknown = [w for w in chosen if w not in WORKLOADS]
     if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"workloads are 1 to {len(WORKLOADS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"workloads are {', '.join(map(str, WORKLOADS))}; got {text!r}")
     return chosen
 
 
@@ -76,11 +76,12 @@ def _fmt(value: float | None, unit: str) -> str:
 def _value(row: Row) -> str:
     if row.value is None:
         return "—"
-    if "gateway / " in row.metric:  # a ratio: gateway / nginx, gateway / floor
+    _, named, value = row.metric.rpartition("(value: ")
+    if named and " / " in value:  # a ratio: gateway / nginx, --workers 2 / --workers 1
         return f"{row.value:.2f} ×"
     if row.unit == "× body":
         return f"{row.value:.2f} ×"
-    suffix = {"ms": " ms", "KiB": " KiB"}.get(row.unit, "")
+    suffix = {"ms": " ms", "KiB": " KiB", "µs": " µs"}.get(row.unit, "")
     return _fmt(row.value, row.unit) + suffix
 
 

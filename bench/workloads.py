@@ -1,4 +1,4 @@
-"""The seven workloads: each starts its engine and proxies, alternates configurations, returns rows."""
+"""The workloads: each starts its engine and proxies, alternates configurations, returns rows."""
 
 from __future__ import annotations
 
@@ -571,6 +571,24 @@ async def reliability(ctx: Ctx) -> Result:
     return await run(ctx)
 
 
+async def failover(ctx: Ctx) -> Result:
+    from bench.routing import failover as run  # it builds on this module's helpers
+
+    return await run(ctx)
+
+
+async def routing_cost(ctx: Ctx) -> Result:
+    from bench.routing import routing_cost as run
+
+    return await run(ctx)
+
+
+async def scaling(ctx: Ctx) -> Result:
+    from bench.scaling import workers  # it builds on this module's helpers
+
+    return await workers(ctx)
+
+
 WORKLOADS: dict[int, Callable[[Ctx], Awaitable[Result]]] = {
     1: latency_c1,
     2: throughput_c64,
@@ -579,4 +597,7 @@ WORKLOADS: dict[int, Callable[[Ctx], Awaitable[Result]]] = {
     5: big_body_latency,
     6: metrics_scrape,
     7: reliability,
+    8: failover,
+    9: routing_cost,
+    10: scaling,
 }

@@ -36,6 +36,23 @@ def test_quick_bench_writes_every_workload(tmp_path: Path) -> None:
         assert workload["rows"], f"workload {number} has no rows"
         assert all(runs for runs in workload["runs"].values()), f"workload {number} has a config without runs"
     assert doc["machine"]["cpu_model"] and doc["versions"]["nginx"] and doc["versions"]["wrk"]
+    _several_engines_and_workers(doc["workloads"])
+
+
+def _several_engines_and_workers(workloads: dict[str, dict[str, object]]) -> None:
+    """Workloads 8-10 (issues 13 and 15) produced their rows from real runs: every request of the kill run is
+    counted in exactly one outcome, each routing and worker configuration ran, and both workers served."""
+    (kill,) = workloads["8"]["runs"]["gateway"]  # type: ignore[index]
+    assert kill["requests"] > 0 and kill["in_flight_at_kill"] > 0
+    failed = kill["failed_before_first_byte"] + kill["cut_mid_stream"]
+    assert kill["completed"] + failed == kill["requests"]
+    assert [row["metric"].split(":")[0] for row in workloads["8"]["rows"]][:2] == ["engine killed"] * 2  # type: ignore[index]
+    assert set(workloads["9"]["runs"]) == {"direct", "one", "gateway", "session", "prefix"}  # type: ignore[arg-type]
+    runs = workloads["10"]["runs"]
+    assert all(run[0]["requests"] > 0 for run in runs.values())  # type: ignore[attr-defined]
+    assert {key.split(":")[1] for key in runs} == {"direct", "sim", "w1", "w2"}  # type: ignore[attr-defined]
+    served = workloads["10"]["params"]["w2_admitted_per_worker"]  # type: ignore[index]
+    assert len(served) == 2
 
 
 def test_missing_tools_are_reported_not_installed(
