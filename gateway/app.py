@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -124,17 +124,20 @@ class Gateway:
             self.router.follow(added, removed)
             self._upstream_gauges(added)
 
+    def background(self) -> dict[str, Coroutine[None, None, None]]:
+        """What runs beside the serving for as long as the app lives: the engines' health checks and load reads
+        (with ``--workers``, the parent's alone)."""
+        work = {"health-checks": self.health.run(), "engine-load": self.router.run(self.session)}
+        if self.discovery is not None:
+            work["dns-discovery"] = self.discovery.run()
+        return work
+
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the clients and the health checks live as long as the app."""
         self._session = client_session(self.settings)
         if self.discovery is not None:  # the names' engines before the first health check and request
             await self.discovery.refresh()
-        tasks = [
-            asyncio.create_task(self.health.run(), name="health-checks"),
-            asyncio.create_task(self.router.run(self._session), name="engine-load"),
-        ]
-        if self.discovery is not None:
-            tasks.append(asyncio.create_task(self.discovery.run(), name="dns-discovery"))
+        tasks = [asyncio.create_task(work, name=name) for name, work in self.background().items()]
         yield
         for task in tasks:
             task.cancel()

@@ -1,40 +1,48 @@
-"""The cross-worker coordination of ``--workers N``: the parent's admission authority and metrics merge, served
-over a Unix socket, and the workers' client of it (``RemoteAdmission``, the ``Admission`` interface)."""
+"""The cross-worker coordination of ``--workers N``, over a Unix socket: the parent's side (the one admission of
+all workers, the engines' checks, load reads and breakers, the merge of the metrics, the keys' reload) and each
+worker's (``ParentLink``: the ``Admission`` interface, and the parent's engine state applied as it comes)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import math
 import os
 import signal
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from gateway.access.keys import KeyRing
-from gateway.admission import Admission
+from gateway.app import Gateway
 from gateway.errors import GatewayError
 from gateway.fair import FairQueue
-from gateway.settings import Settings
+from gateway.routing.breaker import Breaker
+from gateway.routing.load import EngineLoad, EngineState
+from gateway.settings import Settings, UpstreamSpec
+from gateway.upstreams import Upstream
 
 log = logging.getLogger("gateway.workers")
 
 _SNAPSHOT_TIMEOUT = 2.0  # seconds a worker has to send its series for a scrape; its last ones count after
 _LINE_LIMIT = 1 << 28  # bytes of one message: a worker's series, the merged exposition
-_WATCH_INTERVAL = 1.0  # seconds between looks at the keys file (as each worker's own watch)
-# gauges that the parent's admission answers for all workers together
-_AUTHORITY = frozenset(
+_WATCH_INTERVAL = 1.0  # seconds between looks at the keys file (as one process's watch)
+# gauges that the parent answers for all workers together: its admission's, its checks' and breakers'
+_PARENTS = frozenset(
     ("gateway_requests_in_flight", "gateway_queue_depth", "gateway_tokens_in_flight",
-     "gateway_key_requests_in_flight", "gateway_key_queue_depth")
+     "gateway_key_requests_in_flight", "gateway_key_queue_depth", "gateway_upstream_up",
+     "gateway_upstream_breaker_state")
 )  # fmt: skip
+_HOST = ("gateway_gpu_", "gateway_host_")  # the GPU and host series: the parent collects them, once
 _SUMMED_GAUGES = frozenset(("gateway_client_connections", "gateway_upstream_requests_in_flight"))
 _ADDITIVE = frozenset(("counter", "histogram", "summary"))
 
@@ -42,17 +50,22 @@ _ADDITIVE = frozenset(("counter", "histogram", "summary"))
 Family = tuple[str, str, str, list[tuple[str, dict[str, str], float]]]
 
 
-def families(collected: Iterable[Metric], keep: Callable[[str], bool]) -> list[Family]:
-    """The families of a registry's ``collect()`` that ``keep`` names, as plain data for the wire."""
+def families(collected: Iterable[Metric], worker: str) -> list[Family]:
+    """A registry's families as plain data for the wire; the process's own (``process_*``, ``python_*``) get a
+    ``worker`` label, so that each process's series stay apart in the merge."""
     return [
-        (m.name, m.type, m.documentation, [(s.name, s.labels, s.value) for s in m.samples])
+        (m.name, m.type, m.documentation,
+         [(s.name, s.labels if gateway_series(m.name) else {**s.labels, "worker": worker}, s.value) for s in m.samples])
         for m in collected
-        if keep(m.name)
-    ]
+    ]  # fmt: skip
 
 
 def gateway_series(name: str) -> bool:
     return name.startswith("gateway_")
+
+
+def _parents(name: str) -> bool:
+    return name in _PARENTS or name.startswith(_HOST)
 
 
 class Merged:
@@ -64,7 +77,7 @@ class Merged:
 
     def add(self, fams: Iterable[Family], *, gauges: bool = True) -> None:
         for name, kind, doc, samples in fams:
-            if name in _AUTHORITY or (not gauges and kind not in _ADDITIVE):
+            if _parents(name) or (not gauges and kind not in _ADDITIVE):
                 continue
             self.meta.setdefault(name, (kind, doc))
             values = self.values.setdefault(name, {})
@@ -79,9 +92,11 @@ class Merged:
                 elif not math.isnan(value) and (math.isnan(old) or value > old):
                     values[key] = value
 
-    def set(self, name: str, kind: str, doc: str, samples: Iterable[tuple[dict[str, str], float]]) -> None:
-        self.meta[name] = (kind, doc)
-        self.values[name] = {(name, tuple(sorted(labels.items()))): value for labels, value in samples}
+    def put(self, fams: Iterable[Family]) -> None:
+        """Families taken as they are (the parent's own), in place of any the workers sent."""
+        for name, kind, doc, samples in fams:
+            self.meta[name] = (kind, doc)
+            self.values[name] = {(sample, tuple(sorted(labels.items()))): value for sample, labels, value in samples}
 
     def families(self) -> list[Family]:
         return [
@@ -106,6 +121,92 @@ def _frame(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
+# -- the engines, once per host ---------------------------------------------------------------------------
+
+
+def _view(upstream: Upstream, state: EngineState) -> dict[str, Any]:
+    """One engine as the parent's checks, load reads and breaker left it, for the wire (the clock is the host's
+    monotonic one, the same in every process)."""
+    b = state.breaker
+    return {
+        "url": upstream.url, "name": upstream.name, "weight": upstream.weight, "up": upstream.up,
+        "fails": upstream.fails, "successes": upstream.successes,
+        "last_error": upstream.last_error, "last_check": upstream.last_check, "models": upstream.models,
+        "cards": upstream.cards, "was_up": state.was_up, "loaded_at": state.loaded_at,
+        "load": dataclasses.astuple(state.load) if state.load is not None else None,
+        "breaker": [b.fails, b.opened_at, b.probe_at, b.recovered_at],
+    }  # fmt: skip
+
+
+def apply_view(upstream: Upstream, state: EngineState, view: dict[str, Any]) -> bool:
+    """A worker takes the parent's view of one engine; True when the models it serves changed."""
+    upstream.up, upstream.fails, upstream.successes = view["up"], view["fails"], view["successes"]
+    upstream.last_error, upstream.last_check, upstream.cards = view["last_error"], view["last_check"], view["cards"]
+    state.was_up, state.loaded_at = view["was_up"], view["loaded_at"]
+    state.load = EngineLoad(*view["load"]) if view["load"] is not None else None
+    b = state.breaker
+    b.fails, b.opened_at, b.probe_at, b.recovered_at = view["breaker"]
+    changed = view["models"] != upstream.models
+    upstream.models = view["models"]
+    return changed
+
+
+class EngineHost(Gateway):
+    """The parent's own gateway, which serves no request: it checks the engines, reads their load, keeps their
+    breakers, collects the GPU and host series, and holds the one ``Admission`` of all workers."""
+
+    def __init__(self, settings: Settings, changed: Callable[[], None]) -> None:
+        super().__init__(settings)
+        self.changed = changed  # the engines' state changed: the workers are sent it
+        self.rounds = 0  # rounds of health checks done
+        self.checked = asyncio.Event()
+        self.health.after = self._checked
+        self.router.after = changed
+
+    def _checked(self) -> None:
+        self.rounds += 1
+        self.checked.set()
+        self.changed()
+
+    def set_engines(self, specs: Sequence[UpstreamSpec]) -> None:
+        """DNS discovery's engines, found here once for the host, and sent to every worker."""
+        super().set_engines(specs)
+        self.changed()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Checks and load reads for as long as the context lasts; entered after the first round of checks (or
+        its time-out), so that the first workers start knowing the engines."""
+        async with contextlib.asynccontextmanager(self.lifecycle)(web.Application()):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2 * self.settings.health_timeout + 1):
+                    await self.checked.wait()
+            yield
+
+    def state(self) -> dict[str, Any]:
+        """What every worker applies: the engines (DNS discovery's, in order), each one's state, and the GPU
+        faults that make the gateway not ready."""
+        engines = [_view(u, self.router.states[u]) for u in self.pool.upstreams]
+        return {"op": "engines", "engines": engines, "gpu_faults": self.health.gpu_faults}
+
+    def observed(self, msg: dict[str, Any]) -> None:
+        """A worker's request met an engine: a failure (a refused connection also marks it down), a success
+        after failures, or the half-open breaker's probe going."""
+        upstream = next((u for u in self.pool.upstreams if u.url == msg["url"]), None)
+        state = self.router.states.get(upstream) if upstream is not None else None
+        if upstream is None or state is None:  # it left the pool meanwhile
+            return
+        if msg["event"] == "failure":
+            if msg["down"]:
+                self.pool.mark_down(upstream, msg["reason"])
+            state.breaker.failure(msg["reason"])
+        elif msg["event"] == "success":
+            state.breaker.success()
+        else:
+            state.breaker.claim(time.monotonic())
+        self.changed()
+
+
 @dataclass
 class WorkerLink:
     """One worker's connection to the parent: what it holds and waits for, for a clean-up when it dies."""
@@ -120,48 +221,59 @@ class WorkerLink:
     last: list[Family] = field(default_factory=list)  # its series at the last scrape
 
     def send(self, message: dict[str, Any]) -> None:
+        self.write(_frame(message))
+
+    def write(self, frame: bytes) -> None:
         if not self.writer.is_closing():
-            self.writer.write(_frame(message))
+            self.writer.write(frame)
 
 
 class Authority:
-    """The parent's side: the one ``Admission`` of all workers, and the merge of their series."""
+    """The parent's side: the one ``Admission`` of all workers, the engines' state sent to every worker, the keys'
+    reload, and the merge of their series."""
 
     def __init__(
         self, settings: Settings, describe: Callable[[], list[dict[str, Any]]], connected: Callable[[int], None]
     ) -> None:
         self.settings = settings
-        self.ring = KeyRing.from_settings(settings.api_key, settings.keys_file)
-        self.admission = Admission(
-            settings.max_concurrency, settings.max_queue, settings.queue_timeout, settings.max_tokens_in_flight,
-            fair=self.ring is not None,
-        )  # fmt: skip
+        self.host = EngineHost(settings, self.send_state)
+        self.admission = self.host.admission
         self.describe = describe  # the supervisor's view of its workers, for /status
         self.connected = connected  # told each worker's index when it connects
         self.links: dict[int, WorkerLink] = {}
         self.retired = Merged()  # the counters of workers that died, so that no total goes backwards
         self._ids = itertools.count()
         self._scrapes: set[asyncio.Future[None]] = set()
-        self.configure()
-
-    def configure(self) -> None:
-        """The keys' fair-queue weights and caps, from the keys file (again on SIGHUP or change)."""
-        fair = self.admission.fair
-        if self.ring is None or fair is None:
-            return
-        for key in self.ring.keys.values():
-            fair.configure(key.name, key.weight, key.max_concurrency)
+        self._sending = False
 
     def reload(self) -> None:
-        if self.ring is not None:
-            self.ring.reload()
-            self.configure()
+        """SIGHUP or a change of the keys file: read here (the fair queue's weights and caps) and by every worker."""
+        if self.host.access is not None:
+            self.host.access.reload()
+            self._send_all({"op": "keys"})
 
     async def watch_keys(self) -> None:
-        while self.ring is not None and self.ring.path:
+        """The one watch of the keys file's changes on the host."""
+        ring = self.host.access.ring if self.host.access is not None else None
+        while ring is not None and ring.path:
             await asyncio.sleep(_WATCH_INTERVAL)
-            if self.ring.changed():
+            if ring.changed():
                 self.reload()
+
+    def send_state(self) -> None:
+        """The engines' state to every worker, once for all the changes of this moment."""
+        if not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().call_soon(self._send_state)
+
+    def _send_state(self) -> None:
+        self._sending = False
+        self._send_all(self.host.state())
+
+    def _send_all(self, message: dict[str, Any]) -> None:
+        frame = _frame(message)
+        for link in self.links.values():
+            link.write(frame)
 
     async def serve(self, path: str) -> asyncio.AbstractServer:
         return await asyncio.start_unix_server(self._connection, path, limit=_LINE_LIMIT)
@@ -170,6 +282,7 @@ class Authority:
         hello = json.loads(await reader.readline())
         link = WorkerLink(hello["index"], hello["pid"], writer)
         self.links[link.index] = link
+        link.send(self.host.state())  # before it takes connections, a worker knows the engines
         self.connected(link.index)
         try:
             while line := await reader.readline():
@@ -196,6 +309,8 @@ class Authority:
             task = link.waiting.get(msg["id"])
             if task is not None:
                 task.cancel()  # a grant at this moment is handed on by Admission itself
+        elif op == "observed":
+            self.host.observed(msg)
         elif op == "series":
             future = link.snapshots.pop(msg["id"], None)
             if future is not None and not future.done():
@@ -205,7 +320,10 @@ class Authority:
             self._scrapes.add(task)
             task.add_done_callback(self._scrapes.discard)
         elif op == "status":
-            link.send({"id": msg["id"], "workers": self.describe(), "admission": self.admission.stats()})
+            link.send({
+                "id": msg["id"], "workers": self.describe(), "admission": self.admission.stats(),
+                "engine_checks": self.host.rounds,
+            })  # fmt: skip
         elif op == "final":  # a worker that drained: its last series, before it exits
             link.last = msg["families"]
 
@@ -244,7 +362,7 @@ class Authority:
         for task in list(link.waiting.values()):
             task.cancel()
         self._release_all(link)
-        self.retired.add(link.last, gauges=False)
+        self.retired.add([f for f in link.last if gateway_series(f[0])], gauges=False)
         if self.links.get(link.index) is link:
             del self.links[link.index]
 
@@ -259,37 +377,27 @@ class Authority:
         return link.last
 
     async def merged(self) -> bytes:
-        """Every worker's gateway_* series merged, the dead workers' counters, and the global state gauges."""
+        """One scrape for the host: every worker's gateway_* series merged with the dead workers' counters, the
+        parent's global gauges (admission, engine up, breakers), GPU and host series, each process's process_*
+        and python_* (labelled ``worker``), and the engines' vllm:* series of the parent's fetch."""
         merged = Merged()
         for fams in await asyncio.gather(*(self._snapshot(link) for link in list(self.links.values()))):
             merged.add(fams)
         merged.add(self.retired.families())
-        a = self.admission
-        merged.set("gateway_requests_in_flight", "gauge", "Requests forwarded and not finished.", [({}, a.in_flight)])
-        merged.set("gateway_queue_depth", "gauge", "Requests waiting for a slot.", [({}, a.queue_depth)])
-        merged.set(
-            "gateway_tokens_in_flight", "gauge", "Estimated tokens (prompt + max_tokens) forwarded.",
-            [({}, a.tokens_in_flight)],
-        )  # fmt: skip
-        if a.fair is not None and self.ring is not None:
-            tenants = [a.fair.tenant(name) for name in self.ring.names()]
-            merged.set(
-                "gateway_key_requests_in_flight", "gauge", "Requests forwarded per API key.",
-                [({"key": t.name}, t.in_flight) for t in tenants],
-            )  # fmt: skip
-            merged.set(
-                "gateway_key_queue_depth", "gauge", "Requests waiting for a slot per API key.",
-                [({"key": t.name}, len(t.waiters)) for t in tenants],
-            )  # fmt: skip
-        return merged.exposition()
+        own = families(self.host.registry.collect(), "parent")
+        merged.put(f for f in own if _parents(f[0]))
+        merged.add([f for f in own if not gateway_series(f[0])])
+        await self.host.engines.refresh(self.host.session)
+        return merged.exposition() + self.host.engines.exposition()
 
     async def _metrics(self, link: WorkerLink, ask: int) -> None:
         link.send({"id": ask, "text": (await self.merged()).decode()})
 
 
-class RemoteAdmission:
-    """A worker's admission: every slot asked of the parent's ``Admission``; the same interface, so the proxy
-    does not know.  Queue positions and ETAs are read from the parent's state at its last answer."""
+class ParentLink:
+    """A worker's side: its admission (every slot asked of the parent's ``Admission``; the same interface, so the
+    proxy does not know; queue positions and ETAs read from the parent's state at its last answer), the parent's
+    engine state and keys reloads as they come, and what its requests observed of the engines, sent up."""
 
     def __init__(self, settings: Settings, index: int) -> None:
         self.max_concurrency = settings.max_concurrency
@@ -306,6 +414,10 @@ class RemoteAdmission:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self.series: Callable[[], list[Family]] = list
+        self.engines: dict[str, Any] = {}  # the parent's last engine state
+        self.known = asyncio.Event()  # the first one came (the parent sends it as the worker connects)
+        self.on_engines: Callable[[dict[str, Any]], None] | None = None
+        self.on_keys: Callable[[], None] | None = None
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
@@ -320,8 +432,12 @@ class RemoteAdmission:
         try:
             while line := await reader.readline():
                 msg = json.loads(line)
-                if msg.get("op") == "series":
+                op = msg.get("op")
+                if op == "series":
                     self._send({"op": "series", "id": msg["id"], "families": self.series()})
+                    continue
+                if op is not None:
+                    self._told(op, msg)
                     continue
                 if "state" in msg:
                     self.in_flight, self.queue_depth, self.tokens_in_flight, self.granted, self._slot_eta = msg["state"]
@@ -334,6 +450,23 @@ class RemoteAdmission:
             pass
         log.error("the parent's coordination socket closed: draining this worker")
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _told(self, op: str, msg: dict[str, Any]) -> None:
+        """The parent's news: the engines' state, or the keys file to read again."""
+        try:
+            if op == "engines":
+                self.engines = msg
+                if self.on_engines is not None:
+                    self.on_engines(msg)
+                self.known.set()
+            elif op == "keys" and self.on_keys is not None:
+                self.on_keys()
+        except Exception:  # a bug here must not cut this worker off its parent
+            log.exception("applying the parent's %s failed", op)
+
+    def observed(self, upstream: Upstream, event: str, reason: str = "", *, down: bool = False) -> None:
+        """What a request met at an engine, for the parent's breaker (and its view of the engine being up)."""
+        self._send({"op": "observed", "url": upstream.url, "event": event, "reason": reason, "down": down})
 
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         ask = message["id"] = next(self._ids)
@@ -397,3 +530,34 @@ class RemoteAdmission:
             self._writer.close()
             with contextlib.suppress(ConnectionError):
                 await self._writer.wait_closed()
+
+
+class SharedBreaker(Breaker):
+    """A worker's copy of the parent's breaker of one engine: the worker's outcomes go to the parent, which
+    decides; the state here is the parent's as of its last message.  A success closes it here at once (as it
+    will there) and a probe claimed here counts here at once; a failure counts once the parent answers."""
+
+    __slots__ = ("parent", "upstream")
+
+    def __init__(self, upstream: Upstream, parent: ParentLink, failures: int, cooldown: float) -> None:
+        super().__init__(upstream.name, failures, cooldown)
+        self.upstream = upstream
+        self.parent = parent
+
+    def success(self) -> None:
+        if not self.fails and self.opened_at is None:
+            return  # nothing to reset: nothing to tell
+        self.parent.observed(self.upstream, "success")
+        if self.opened_at is not None:
+            self.recovered_at = time.monotonic()
+        self.fails = 0
+        self.opened_at = self.probe_at = None
+
+    def failure(self, reason: str) -> None:
+        upstream = self.upstream  # a refused connection marked it down here just now, with this reason
+        self.parent.observed(upstream, "failure", reason, down=not upstream.up and upstream.last_error == reason)
+
+    def claim(self, now: float) -> None:
+        if self.opened_at is not None:
+            self.probe_at = now
+            self.parent.observed(self.upstream, "claim")

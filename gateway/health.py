@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -34,11 +35,15 @@ class HealthChecker:
         self.failed = 0  # answered 5xx, by the engine or the gateway
         s = gateway.settings
         self.timeout = aiohttp.ClientTimeout(total=s.health_timeout)
+        self.after: Callable[[], None] | None = None  # after each round (the parent of --workers sends it on)
 
     async def run(self) -> None:
+        """A round of checks every --health-interval seconds."""
         while True:
             try:
                 await self.check_all()
+                if self.after is not None:
+                    self.after()
             except Exception:  # a bug here must not freeze every engine's state for good
                 log.exception("health check round failed")
             await asyncio.sleep(self.gw.settings.health_interval)
@@ -156,7 +161,11 @@ def handlers(gw: Gateway) -> list[web.RouteDef]:
             "settings": gw.settings.public(),
             "context_window": gw.proxy.context_window(),
             "admission": gw.admission.stats(),
-            "routing": {"policy": gw.settings.routing, "waiting_for_kv_room": gw.router.waiting},
+            "routing": {
+                "policy": gw.settings.routing,
+                "waiting_for_kv_room": gw.router.waiting,
+                "leaving": gw.router.leaving(),  # engines removed from the pool, their requests still running
+            },
             "upstreams": [{**u.public(), "routing": gw.router.public(u)} for u in gw.pool.upstreams],
             "gpus": gw.gpu.snapshot(),
             "host": gw.host.snapshot(),

@@ -15,20 +15,19 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import uvloop
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway import logs
 from gateway.access.limits import LocalStore, RedisStore
 from gateway.app import Gateway, drain_on_signal
-from gateway.coordinator import Authority, RemoteAdmission, families, gateway_series
+from gateway.coordinator import Authority, Family, ParentLink, SharedBreaker, apply_view, families
 from gateway.listener import ListenError, make_runner, raise_open_files
-from gateway.settings import Settings
+from gateway.settings import Settings, UpstreamSpec
 
 log = logging.getLogger("gateway.workers")
 
@@ -36,35 +35,62 @@ _QUICK_DEATH = 1.0  # a worker that dies sooner than this after its start waits 
 _PR_SET_PDEATHSIG = 1
 
 
-class _Others:
-    """The series of a registry that are not the gateway's own (process, GPU, host): one worker's."""
-
-    def __init__(self, collectors: Any) -> None:
-        self.collectors = collectors
-
-    def collect(self) -> Iterable[Metric]:
-        return (m for m in self.collectors.collect() if not gateway_series(m.name))
-
-
 class WorkerGateway(Gateway):
-    """One worker's gateway: admission asked of the parent; /metrics and /status answer for all workers."""
+    """One worker's gateway: admission asked of the parent; the engines as the parent's checks, load reads and
+    breakers see them; the keys read again when the parent says; /metrics and /status answer for all workers."""
 
-    def __init__(self, settings: Settings, remote: RemoteAdmission, workers: int) -> None:
-        super().__init__(settings, remote)  # type: ignore[arg-type]
-        self.remote = remote
-        remote.series = lambda: families(self.registry.collect(), gateway_series)
-        if self.access is not None:  # without Redis a key's rate is split between the workers
-            store = self.access.limiter.store
+    def __init__(self, settings: Settings, parent: ParentLink, workers: int) -> None:
+        super().__init__(settings, parent)  # type: ignore[arg-type]
+        self.parent = parent
+        self.discovery = None  # the parent resolves the engines' names, once for the host
+        parent.series = self.series
+        for collector in (self.gpu, self.host):  # the parent collects them, once for the host
+            self.registry.unregister(collector)
+        if self.access is not None:
+            self.access.watch = False  # the parent watches the keys file and takes SIGHUP
+            parent.on_keys = self.access.reload
+            store = self.access.limiter.store  # without Redis a key's rate is split between the workers
             if isinstance(store, RedisStore):
                 store.fallback = LocalStore(settings.replicas * workers)
             else:
                 self.access.limiter.store = LocalStore(workers)
+        self._share_breakers()
+        parent.on_engines = self.apply
+        self.apply(parent.engines)
+
+    def background(self) -> dict[str, Coroutine[None, None, None]]:
+        return {}  # the parent checks the engines and reads their load, once for the host
+
+    def _share_breakers(self) -> None:
+        s = self.settings
+        for upstream, state in self.router.states.items():
+            if not isinstance(state.breaker, SharedBreaker):
+                state.breaker = SharedBreaker(upstream, self.parent, s.breaker_failures, s.breaker_cooldown)
+
+    def apply(self, state: dict[str, Any]) -> None:
+        """The parent's engine state: the engines (as its DNS discovery found them), each one's health, models,
+        load view and breaker, and the GPU faults."""
+        self.set_engines([UpstreamSpec(v["url"], v["name"], v["weight"]) for v in state["engines"]])
+        self._share_breakers()
+        by_url = {u.url: u for u in self.pool.upstreams}
+        served = False
+        for view in state["engines"]:
+            upstream = by_url.get(view["url"])
+            if upstream is not None:
+                served |= apply_view(upstream, self.router.states[upstream], view)
+        if served:
+            self.pool._index()
+            self.metrics.declare(self.pool.models())
+        self.health.gpu_faults = state["gpu_faults"]
+        self.router.refreshed()
+
+    def series(self) -> list[Family]:
+        """This worker's series for the parent's merge: the gateway's, and its process_* and python_*."""
+        return families(self.registry.collect(), str(self.parent.index))
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        """The gateway_* series of every worker merged by the parent, then this one's process, GPU, host and
-        engine series (collected once per scrape, by the worker that answers it)."""
-        await self.engines.refresh(self.session)
-        body = await self.remote.metrics() + generate_latest(_Others(self.registry)) + self.engines.exposition()
+        """The series of every worker merged by the parent, with the GPU, host and engine series it collects."""
+        body = await self.parent.metrics()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     def _routes(self) -> tuple[list[web.RouteDef], list[web.RouteDef]]:
@@ -79,8 +105,11 @@ class WorkerGateway(Gateway):
             if response.status != 200 or not isinstance(response, web.Response) or response.text is None:
                 return response
             body = json.loads(response.text)
-            parent = await self.remote.status()
-            body |= {"admission": parent["admission"], "worker": self.remote.index, "workers": parent["workers"]}
+            parent = await self.parent.status()
+            body |= {
+                "admission": parent["admission"], "worker": self.parent.index, "workers": parent["workers"],
+                "engine_checks": parent["engine_checks"],
+            }  # fmt: skip
             return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json")
 
         return web.RouteDef(route.method, route.path, status, route.kwargs)
@@ -139,13 +168,14 @@ class Supervisor:
             watch = asyncio.create_task(self.authority.watch_keys(), name="keys-file-watch")
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop, signum)
-            loop.add_signal_handler(signal.SIGHUP, self._reload)
-            kept = [asyncio.create_task(self._keep(w, sock, path)) for w in self.workers]
-            url = f"http://{self.settings.host}:{self.settings.port}"
-            log.info("glm-gateway listening on %s with %d workers", url, len(self.workers))
-            if announce is not None:
-                announce(url)
-            codes = await asyncio.gather(*kept)
+            loop.add_signal_handler(signal.SIGHUP, self.authority.reload)
+            async with self.authority.host.running():  # the engines checked once for the host, here
+                kept = [asyncio.create_task(self._keep(w, sock, path)) for w in self.workers]
+                url = f"http://{self.settings.host}:{self.settings.port}"
+                log.info("glm-gateway listening on %s with %d workers", url, len(self.workers))
+                if announce is not None:
+                    announce(url)
+                codes = await asyncio.gather(*kept)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             watch.cancel()
@@ -160,14 +190,9 @@ class Supervisor:
         self.stopping = True
         self._forward(signal.SIGTERM)  # a second one cuts the workers' requests off, as in one process
 
-    def _reload(self) -> None:
-        self.authority.reload()
-        if self.settings.keys_file:  # a worker without a keys file has no SIGHUP handler
-            self._forward(signal.SIGHUP)
-
     def _forward(self, signum: int) -> None:
         """To each worker that has connected: one still starting has no handler yet, and is told on connecting
-        (``_connected``), or reads the keys file fresh."""
+        (``_connected``)."""
         for w in self.workers:
             link = self.authority.links.get(w.index)
             if w.proc is not None and w.proc.returncode is None and link is not None and link.pid == w.proc.pid:
@@ -212,23 +237,21 @@ async def supervise(settings: Settings) -> int:
 
 
 async def _serve_worker(settings: Settings, fd: int, index: int, workers: int, path: str) -> int:
-    remote = RemoteAdmission(settings, index)
-    await remote.connect(path)
-    gateway = WorkerGateway(settings, remote, workers)
+    parent = ParentLink(settings, index)
+    await parent.connect(path)
+    # the parent's engine state before taking connections: a worker that knew no engine yet would label its
+    # first requests' model "other" and route them blind while its siblings already know better
+    await parent.known.wait()
+    gateway = WorkerGateway(settings, parent, workers)
     runner = make_runner(gateway.app(), settings, gateway.metrics)
     await runner.setup()
-    # one round of engine checks before taking connections: a worker that knew no engine yet would label
-    # its first requests' model "other" and route them blind while its siblings already know better
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(2 * settings.health_timeout + 1):
-            await gateway.health.check_all()
     await web.SockSite(runner, socket.socket(fileno=fd)).start()
     log.info("worker %d (pid %d) serving", index, os.getpid())
     try:
         await drain_on_signal(gateway, runner)
     finally:
-        remote.final()
-        await remote.close()
+        parent.final()
+        await parent.close()
     return 0
 
 
@@ -243,6 +266,7 @@ def main(argv: list[str]) -> int:
     settings = Settings(**json.load(sys.stdin))
     logs.configure(settings.log_format, settings.log_level)
     signal.signal(signal.SIGTERM, _stopped_early)  # until the drain's own handler is in place
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent takes SIGHUP and tells the workers
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # the parent killed: drain and go too
     return uvloop.run(_serve_worker(settings, fd, index, workers, path))
 

@@ -1,5 +1,6 @@
 """--workers 2 as real processes in front of the real sim: both serve, one truthful /metrics, global limits,
-a killed worker restarted with no counter going backwards, and SIGTERM draining both."""
+a killed worker restarted with no counter going backwards, SIGTERM draining both, and what runs once for the
+host (the engines' checks, their breakers, the keys file's reload) reaching every worker."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import contextlib
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from gateway.access.keys import digest
-from tests.harness import CHAT, HELLO, MODEL, Process, free_port, samples, value, wait_http
+from tests.harness import CHAT, HELLO, MODEL, Process, error_body, free_port, samples, value, wait_http
 
 SLOW = 150  # tokens at the sim's 2 ms each: a request that stays at the engine while others arrive
 TEAM = "sk-team-0123456789abcdef"
@@ -68,6 +70,36 @@ async def chat(url: str, max_tokens: int = 2, headers: dict[str, str] | None = N
         return r.status, await r.json()
 
 
+async def worker_of(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> int:
+    async with session.get(url + "/status", headers=headers) as r:
+        assert r.status == 200
+        return int((await r.json())["worker"])
+
+
+async def per_worker(
+    sessions: AsyncExitStack, url: str, headers: dict[str, str] | None = None
+) -> dict[int, aiohttp.ClientSession]:
+    """A client kept on one connection to each worker: new connections until each worker has taken one."""
+    found: dict[int, aiohttp.ClientSession] = {}
+    for _ in range(200):
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        worker = await worker_of(session, url, headers)
+        if worker in found:
+            await session.close()
+            continue
+        found[worker] = session
+        sessions.push_async_callback(session.close)
+        if len(found) == 2:
+            return found
+    raise AssertionError("one worker took every connection")
+
+
+async def status_of(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> Any:
+    async with session.get(url + "/status", headers=headers) as r:
+        assert r.status == 200
+        return await r.json()
+
+
 async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
     """Poll an event (the bound only stops a hung test)."""
     for _ in range(3000):
@@ -118,6 +150,14 @@ async def test_both_workers_serve_and_every_scrape_gives_the_same_exact_totals()
         totals = {answered(text) for text in scrapes}
         assert totals == {sent}
         for text in scrapes:
+            names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+            assert len(names) == len(set(names)), "a family written twice: Prometheus refuses the scrape"
+            lines = text.splitlines()
+            # the engine's and the host's series once for the host, not once per worker
+            assert sum(line.startswith("vllm:num_requests_running{") for line in lines) == 1
+            assert sum(line.startswith("gateway_host_cpus ") for line in lines) == 1
+            workers = {k[1] for k in samples(text) if k[0] == "process_resident_memory_bytes"}
+            assert workers == {frozenset({("worker", w)}) for w in ("0", "1", "parent")}
             assert value(text, "gateway_requests_in_flight") == 0
             assert value(text, "gateway_queue_depth") == 0
             duration = "gateway_request_duration_seconds_count"
@@ -207,3 +247,131 @@ async def test_a_keys_rate_limit_holds_across_workers(tmp_path: Path) -> None:
         assert value(text, "gateway_rate_limited_total", key="team", limit="requests") == len(refused)
         assert value(text, "gateway_requests_in_flight") == 0
         assert value(text, "gateway_key_requests_in_flight", key="team") == 0
+
+
+async def test_the_engines_are_checked_once_for_the_host_and_readiness_is_the_same_in_every_worker() -> None:
+    with stack() as (sim, url, _gw):
+        async with AsyncExitStack() as sessions:
+            workers = await per_worker(sessions, url)
+
+            async def rounds() -> int:  # the parent's rounds of checks, as each worker reports them
+                counts = {(await status_of(s, url))["engine_checks"] for s in workers.values()}
+                return max(counts)
+
+            async def checks() -> int:  # the /health requests the engine answered
+                return int((await get_json(sim + "/admin/state"))["health_checks"])
+
+            # a round asks /health once and counts when done: between two reads, the engine sees one check per round
+            first_before, first, first_after = await rounds(), await checks(), await rounds()
+
+            async def six_more() -> bool:
+                return await rounds() >= first_after + 6
+
+            await until(six_more, "six rounds of checks")
+            last_before, last, last_after = await rounds(), await checks(), await rounds()
+            assert last_before - first_after - 1 <= last - first <= last_after - first_before + 1
+
+            async with aiohttp.ClientSession() as s, s.post(sim + "/admin/faults", json={"refuse_seconds": 600}) as r:
+                assert r.status == 200
+
+            async def not_ready() -> bool:
+                return not any([(await status_of(s, url))["ready"] for s in workers.values()])
+
+            await until(not_ready, "both workers to see the engine down")
+            reasons = [(await status_of(s, url))["reasons"] for s in workers.values()]
+            assert reasons[0] == reasons[1]
+            assert reasons[0] and reasons[0][0].startswith(f"upstream {sim} is down: cannot connect")
+            for index, session in workers.items():
+                async with session.get(url + "/health/ready") as r:
+                    assert r.status == 503
+                    assert await r.json() == {"status": "not ready", "reasons": reasons[0]}
+                assert await worker_of(session, url) == index  # each answer came from that worker
+
+
+async def test_a_breaker_opened_through_one_worker_is_open_in_every_worker() -> None:
+    with stack("--breaker-failures", "3", "--breaker-cooldown", "600") as (sim, url, gw):
+        async with AsyncExitStack() as sessions:
+            workers = await per_worker(sessions, url)
+            async with aiohttp.ClientSession() as s, s.post(sim + "/admin/faults", json={"error_rate": 1.0}) as r:
+                assert r.status == 200
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            for _ in range(3):  # through worker 0 alone
+                async with workers[0].post(url + CHAT, json=body) as r:
+                    assert r.status == 500  # the engine's answer, passed through
+            assert await worker_of(workers[0], url) == 0
+
+            async def open_in_both() -> bool:
+                answers = [await status_of(s, url) for s in workers.values()]
+                return all(a["upstreams"][0]["routing"]["breaker"] == "open" for a in answers)
+
+            await until(open_in_both, "the breaker to be open in both workers")
+            assert await worker_of(workers[1], url) == 1
+
+            async def counted_500() -> bool:
+                return answered(await scrape(url), "500") == 3
+
+            await until(counted_500, "the 500s counted")
+            text = await scrape(url)
+            assert value(text, "gateway_upstream_breaker_state", upstream=sim) == 2
+            await sessions.aclose()
+            gw.signal(signal.SIGTERM)
+            assert gw.wait() == 0
+            output = gw.output()
+            assert output.count("breaker open after 3 failures in a row") == 1, output  # one breaker for the host
+
+
+def write_keys(path: Path, **keys: str) -> None:
+    """The keys file, replaced as a whole (as editors and config management do)."""
+    lines = "".join(
+        f'[[key]]\nname = "{name}"\nsha256 = "{digest(key)}"\n' + ("admin = true\n" if name == "admin" else "")
+        for name, key in keys.items()
+    )
+    draft = path.with_suffix(".draft")
+    draft.write_text(lines)
+    os.replace(draft, path)
+
+
+NEW = "sk-new-0123456789abcdef"
+
+
+async def test_a_keys_file_change_reaches_every_worker_on_sighup_and_by_itself(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    write_keys(keys, admin=ADMIN, team=TEAM)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    refused = 0
+
+    async def models(session: aiohttp.ClientSession, key: str) -> int:
+        nonlocal refused
+        async with session.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+            if r.status == 401:
+                refused += 1
+                error_body(await r.json(), code="invalid_api_key", type="invalid_request_error")
+            return r.status
+
+    def serving(allowed: str, removed: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return all([
+                await models(s, allowed) == 200 and await models(s, removed) == 401 for s in workers.values()
+            ])  # fmt: skip
+
+        return check
+
+    with stack("--keys-file", str(keys)) as (_, url, gw):
+        async with AsyncExitStack() as sessions:
+            workers = await per_worker(sessions, url, admin)
+            assert await serving(TEAM, NEW)()
+            write_keys(keys, admin=ADMIN, new=NEW)
+            gw.signal(signal.SIGHUP)  # to the parent: it reads the file, and so does every worker
+            await until(serving(NEW, TEAM), "both workers to take the new key and refuse the removed one")
+            write_keys(keys, admin=ADMIN, team=TEAM)  # no signal: the parent's watch sees the change
+            await until(serving(TEAM, NEW), "both workers to follow the file")
+            for index, session in workers.items():
+                assert await worker_of(session, url, admin) == index  # all on the connection to that worker
+
+            async def counted_401() -> bool:
+                text = await scrape(url, admin)
+                return value(text, "gateway_requests_total", endpoint="models", status="401") == refused
+
+            await until(counted_401, "every 401 counted")
+            text = await scrape(url, admin)
+            assert value(text, "gateway_requests_in_flight") == 0

@@ -55,6 +55,7 @@ class Access:
         self.admission = admission
         self.metrics = metrics
         self._charged: dict[Exchange, tuple[Key, int]] = {}  # tokens taken at admission, until settled
+        self.watch = True  # SIGHUP and the file's changes; off in a worker of --workers (its parent tells it)
         self._configure()
 
     @classmethod
@@ -173,7 +174,7 @@ class Access:
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the keys file reloaded on SIGHUP and on change; the store closed."""
         loop = asyncio.get_running_loop()
-        watching = bool(self.ring.path)
+        watching = self.watch and bool(self.ring.path)
         if watching:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         watch = asyncio.create_task(self._watch(), name="keys-file-watch") if watching else None

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -83,6 +83,7 @@ class Router:
         self._leaving: list[Upstream] = []
         self.budget = RetryBudget(settings.retry_budget)
         self._waiters: deque[_Waiter] = deque()
+        self.after: Callable[[], None] | None = None  # after each load round (the parent of --workers sends it on)
         self.follow(pool.upstreams, (), joined=False)
 
     def follow(self, added: Iterable[Upstream], removed: Iterable[Upstream], *, joined: bool = True) -> None:
@@ -143,18 +144,25 @@ class Router:
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Refresh every engine's load from its /metrics (the fetch that serves the gateway's /metrics) every
-        --engine-load-interval seconds; room freed since lets waiting requests in."""
+        --engine-load-interval seconds."""
         while True:
             try:
                 await self.engines.refresh(session)
-                now = time.monotonic()
-                for state in self.states.values():
-                    state.update(now)
-                self._drop_idle()
-                self._wake()
+                self.refreshed()
+                if self.after is not None:
+                    self.after()
             except Exception:  # a bug here must not freeze every engine's load for good
                 log.exception("engine load refresh failed")
             await asyncio.sleep(self.settings.engine_load_interval)
+
+    def refreshed(self) -> None:
+        """The engines' views are new (read here, or sent by the parent of --workers): each engine's load is
+        read again; room freed since lets waiting requests in."""
+        now = time.monotonic()
+        for state in self.states.values():
+            state.update(now)
+        self._drop_idle()
+        self._wake()
 
     def key(self, headers: CIMultiDictProxy[str], gen: Generation | None) -> bytes | None:
         """The key a request is hashed by: its session (--session-header, else ``user``) or its prefix."""

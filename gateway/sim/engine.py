@@ -72,6 +72,7 @@ class SimEngine:
         self.kv_tokens = 0
         self.journal: deque[dict[str, Any]] = deque(maxlen=1000)  # what reached the engine, for tests
         self.aborted = 0
+        self.health_checks = 0  # GET /health (and /ping) answered: how often gateways check it
         self.port = settings.port
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
@@ -81,6 +82,7 @@ class SimEngine:
     # -- the OpenAI surface ----------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
+        self.health_checks += 1
         return web.Response(status=200)
 
     async def version(self, request: web.Request) -> web.Response:
@@ -198,6 +200,7 @@ class SimEngine:
                 "peak_running": self.peak_running,
                 "waiting": self.waiting,
                 "aborted": self.aborted,
+                "health_checks": self.health_checks,
                 "vllm_compat": self.settings.vllm_compat,
                 "requests": list(self.journal),
             }
