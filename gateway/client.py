@@ -16,7 +16,7 @@ import errno
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
@@ -171,6 +171,7 @@ class EngineConnection(asyncio.Protocol):
         self._keep_alive = False
         self._error: EngineError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None  # while pump() relays the body from data_received
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -189,10 +190,21 @@ class EngineConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(EngineBrokeOff(f"the engine's answer is not valid HTTP: {exc}"))
             return
-        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+        sink = self._sink
+        if sink is not None and self._chunks:
+            self._waiting_since = self.loop.time()  # silence is measured from the last byte
+            if not sink(self._take()):
+                self._pause()
+            elif not self._complete:
+                return  # relayed from here: the pump's coroutine waits for the end only
+        elif self._buffered > _HIGH_WATER:
+            self._pause()
+        self._wake()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -306,13 +318,43 @@ class EngineConnection(asyncio.Protocol):
             if self._complete:
                 return b""
             await self._wait()
+        data = self._take()
+        self._resume()
+        return data
+
+    async def pump(self, sink: Callable[[bytes], bool], drained: Callable[[], Awaitable[None]]) -> None:
+        """Hand the rest of the body to ``sink`` from ``data_received`` itself, as it arrives: no task wake-up
+        per piece.  ``sink`` returns False when its reader cannot take more (or is gone): reading from the
+        engine pauses until ``drained()`` returns.  Returns at the body's end; raises the engine's failure
+        (the read timeout included), or what ``drained`` raises."""
+        self._sink = sink
+        try:
+            while True:
+                if self._chunks and not sink(self._take()):
+                    self._pause()
+                if self._paused:
+                    await drained()
+                    self._resume()
+                    continue
+                if self._error is not None:
+                    raise self._error
+                if self._complete:
+                    return
+                await self._wait()
+        finally:
+            self._sink = None
+
+    def _take(self) -> bytes:
+        chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
+        return data
+
+    def _resume(self) -> None:
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        return data
 
     async def read(self) -> bytes:
         """The whole body."""

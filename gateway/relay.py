@@ -13,6 +13,7 @@ from gateway.client import EngineAborted, EngineConnection, EngineError, EngineT
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from gateway.metrics.gateway import GatewayMetrics
+from gateway.metrics.histogram import HistogramChild
 from gateway.protocol import Generation
 
 log = logging.getLogger("gateway.relay")
@@ -22,6 +23,10 @@ DONE = b"data: [DONE]\n\n"
 _USAGE_CHUNK = b'"choices":[]'
 _TERMINAL = b'"finish_reason":"'  # a choice's last chunk (finish_reason not null)
 _ERROR_EVENT = b'data: {"error"'
+# one content event that finishes nothing: a completion chunk's head, and its choice's finish_reason near its end
+_CHUNK_HEAD = b'data: {"id"'
+_NOT_FINISHED = b'"finish_reason":null'
+_TAIL = 128  # bytes that may follow it in a vLLM chunk: stop_reason, token_ids, continuous usage stats
 _BUSY = re.compile(rb"currently busy|backlog limit")  # vLLM 0.33's 503s when its own queue is full
 _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
 
@@ -141,7 +146,8 @@ class Relay:
     ) -> web.StreamResponse:
         """Relay SSE as it arrives, whole events at a time; time content events (not comments); take out
         the usage chunk the gateway asked for on the client's behalf.  Until the first content event a
-        heartbeat (when on) keeps the client informed; after it, reads arm no timer."""
+        heartbeat (when on) keeps the client informed and each read is awaited; after it, the engine's
+        bytes are written to the client from the connection's own callback (``_splice``)."""
         beat = ex.heartbeat
         ex.status = resp.status
         if beat is not None and beat.response is not None:
@@ -151,114 +157,46 @@ class Relay:
             await out.prepare(request)
             if beat is not None:
                 beat.response = out
-        itl = self.metrics.child(self.metrics.itl, ex.model, ex.endpoint)
-        start = ex.start
-        carry = b""
-        last = 0.0
-        events = 0
-        written = 0
-        strip = gen.strip_usage
-        held = b""  # terminal events of a stream whose usage chunk the gateway takes out, until it arrives
-        first = True
+        stream = _Events(self.metrics.child(self.metrics.itl, ex.model, ex.endpoint), gen.strip_usage, ex)
+        chunked = out.headers.get("Transfer-Encoding") == "chunked"  # else HTTP/1.0: awaited writes throughout
         read = resp.read_chunk
-        waiting = beat  # until the first content event
 
         def prefill() -> str:
             return f"prefill elapsed={perf_counter() - sent:.0f}s"
 
         try:
-            while chunk := await (read() if waiting is None else waiting.wait(read(), prefill)):
-                if carry:
-                    chunk = carry + chunk
-                end = chunk.rfind(b"\n\n") + 2
-                if end == 1:
-                    carry = chunk  # no complete event yet
-                    continue
-                if end == len(chunk):
-                    carry = b""
-                else:
-                    chunk, carry = chunk[:end], chunk[end:]
-                n = chunk.count(b"\n\n") - comment_blocks(chunk)
-                if not n and held:
-                    held += chunk  # a comment does not overtake what is held back
-                    continue
-                if n:
-                    now = perf_counter()
-                    if first:
-                        ex.first_byte_at = now  # the engine's queue and prefill end here
-                        ex.phase = "decode"
-                        first = False
-                        waiting = None
-                    if chunk.endswith(DONE):
-                        n -= 1
-                    if last == 0.0 and b'"role":' in chunk:
-                        n -= chunk.count(b'"role":')  # the role-only first chunks (one per choice): no token
-                    if _ERROR_EVENT in chunk:  # the engine's own failure after its 200: no token either
-                        n -= chunk.count(_ERROR_EVENT)
-                        ex.error_type = "upstream_error"
-                    if _USAGE_CHUNK in chunk:
-                        chunk = self._take_usage(held + chunk if held else chunk, strip, ex)
-                        held = b""
-                        n -= 1
-                    elif strip and _TERMINAL in chunk:
-                        held += chunk  # until the usage chunk: it carries 0.33's system_fingerprint
-                        chunk = b""
-                    elif held:
-                        chunk, held = held + chunk, b""
-                    if n > 0:
-                        events += n
-                        if last == 0.0:
-                            ex.ttft = now - start
-                        else:
-                            itl.observe(now - last)
-                        for _ in range(n - 1):
-                            itl.observe(0.0)  # events that arrived together
-                        last = now
-                if chunk:
-                    written += len(chunk)
-                    await out.write(chunk)
-                    if waiting is not None:
-                        waiting.wrote()  # the engine's own keep-alive: no gateway comment on top of it
-            if held or carry:
-                written += len(held) + len(carry)
-                await out.write(held + carry)
+            while chunk := await (read() if beat is None else beat.wait(read(), prefill)):
+                data = stream.feed(chunk)
+                if data:
+                    stream.written += len(data)
+                    await out.write(data)
+                    if beat is not None:
+                        beat.wrote()  # the engine's own keep-alive: no gateway comment on top of it
+                if stream.last:  # tokens flow: no more heartbeats
+                    beat = None
+                    if chunked:
+                        await _splice(request, resp, stream)
+                        break
+            rest = stream.rest()
+            if rest:
+                stream.written += len(rest)
+                await out.write(rest)
         except EngineError as exc:
             # The engine died mid-stream.  vLLM reports its own mid-stream failures as an error event
             # followed by [DONE]; do the same, so OpenAI clients raise instead of ending quietly.
             self._broken(request, ex, exc)
             broken = GatewayError(ex.error_type or "upstream_error", f"The engine broke off the stream: {exc}.")
+            held, stream.held = stream.held, b""
             if held:
                 await out.write(held)
-            ex.bytes_out = written + len(held)
+            ex.bytes_out = stream.written + len(held)
             await end_with_error(out, broken.body(), ex)
             return out
         if ex.completion_tokens is None:
-            ex.completion_tokens = events
-        ex.bytes_out = written
+            ex.completion_tokens = stream.events
+        ex.bytes_out = stream.written
         await out.write_eof()
         return out
-
-    def _take_usage(self, chunk: bytes, strip: bool, ex: Exchange) -> bytes:
-        """Read the usage chunk's counts; take it out when the gateway asked for it.  vLLM 0.33 stamps its
-        system_fingerprint on the terminal chunks when usage is off, on the usage chunk when it is on: a
-        client that did not ask gets it where vLLM would have put it."""
-        at = chunk.find(_USAGE_CHUNK)
-        begin = chunk.rfind(b"data:", 0, at)
-        end = chunk.find(b"\n\n", at) + 2
-        try:
-            event = json.loads(chunk[begin + 5 : end])
-            usage = event["usage"]
-            ex.prompt_tokens = int(usage["prompt_tokens"])
-            ex.completion_tokens = int(usage["completion_tokens"])
-        except (ValueError, KeyError, TypeError):
-            return chunk
-        if not strip:
-            return chunk
-        before = chunk[:begin]
-        fingerprint = event.get("system_fingerprint")
-        if isinstance(fingerprint, str) and _TERMINAL in before:
-            before = _stamp(before, b',"system_fingerprint":' + json.dumps(fingerprint).encode() + b"}")
-        return before + chunk[end:]
 
     def _broken(self, request: web.Request, ex: Exchange, exc: BaseException) -> None:
         if isinstance(exc, EngineAborted):
@@ -270,3 +208,141 @@ class Relay:
             ex.request_id, request.method, request.path, ex.upstream, exc,
             extra={"request_id": ex.request_id, "upstream": ex.upstream},
         )  # fmt: skip
+
+
+async def _splice(request: web.Request, resp: EngineConnection, stream: _Events) -> None:
+    """The rest of a stream, relayed from the engine connection's callback straight to the client's transport
+    in chunked encoding: no task wake-up and no awaited write per event.  The coroutine waits only for the end,
+    for a client that reads slower than the engine writes (reading from the engine pauses meanwhile), or for
+    a client that left."""
+    transport = request.transport
+    protocol = request.protocol
+    assert transport is not None
+
+    def sink(data: bytes) -> bool:
+        data = stream.feed(data)
+        if data:
+            if transport.is_closing():
+                return False  # the client left: the coroutine says so, the connection to the engine closes
+            stream.written += len(data)
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            return not protocol.writing_paused
+        return True
+
+    async def drained() -> None:
+        if transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        await request.writer.drain()
+
+    await resp.pump(sink, drained)
+
+
+class _Events:
+    """One SSE answer on its way through: whole events out (the rest carried to the next read), content
+    events counted and timed (comments, role chunks and error events are not tokens), the usage chunk read
+    and taken out when the gateway asked for it, terminal chunks held until it comes."""
+
+    __slots__ = ("carry", "events", "ex", "held", "itl", "last", "strip", "written")
+
+    def __init__(self, itl: HistogramChild, strip: bool, ex: Exchange) -> None:
+        self.itl = itl
+        self.strip = strip
+        self.ex = ex
+        self.carry = b""  # an event not complete yet
+        self.held = b""  # terminal events of a stream whose usage chunk the gateway takes out, until it arrives
+        self.last = 0.0  # when the last content event arrived; 0 before the first
+        self.events = 0
+        self.written = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of ``chunk`` (bytes read from the engine) goes to the client now."""
+        if self.carry:
+            chunk = self.carry + chunk
+        end = chunk.rfind(b"\n\n") + 2
+        if end == 1:
+            self.carry = chunk  # no complete event yet
+            return b""
+        if end == len(chunk):
+            self.carry = b""
+        else:
+            chunk, self.carry = chunk[:end], chunk[end:]
+        last = self.last
+        if (  # the common case, one token's chunk mid-stream: the scans below cannot find anything in it
+            last
+            and not self.held
+            and chunk.startswith(_CHUNK_HEAD)
+            and chunk.find(_NOT_FINISHED, -_TAIL) >= 0
+            and chunk.count(b"\n\n") == 1
+        ):
+            now = perf_counter()
+            self.events += 1
+            self.itl.observe(now - last)
+            self.last = now
+            return chunk
+        n = chunk.count(b"\n\n") - comment_blocks(chunk)
+        held = self.held
+        if not n:
+            if held:
+                self.held = held + chunk  # a comment does not overtake what is held back
+                return b""
+            return chunk
+        now = perf_counter()
+        ex = self.ex
+        if ex.phase != "decode":
+            ex.first_byte_at = now  # the engine's queue and prefill end here
+            ex.phase = "decode"
+        if chunk.endswith(DONE):
+            n -= 1
+        if last == 0.0 and b'"role":' in chunk:
+            n -= chunk.count(b'"role":')  # the role-only first chunks (one per choice): no token
+        if _ERROR_EVENT in chunk:  # the engine's own failure after its 200: no token either
+            n -= chunk.count(_ERROR_EVENT)
+            ex.error_type = "upstream_error"
+        if _USAGE_CHUNK in chunk:
+            chunk = self._take_usage(held + chunk if held else chunk)
+            self.held = b""
+            n -= 1
+        elif self.strip and _TERMINAL in chunk:
+            self.held = held + chunk  # until the usage chunk: it carries 0.33's system_fingerprint
+            chunk = b""
+        elif held:
+            chunk, self.held = held + chunk, b""
+        if n > 0:
+            self.events += n
+            if last == 0.0:
+                ex.ttft = now - ex.start
+            else:
+                self.itl.observe(now - last)
+            for _ in range(n - 1):
+                self.itl.observe(0.0)  # events that arrived together
+            self.last = now
+        return chunk
+
+    def rest(self) -> bytes:
+        """At the end of the answer: what was held back or never completed, as it is."""
+        rest = self.held + self.carry
+        self.held = self.carry = b""
+        return rest
+
+    def _take_usage(self, chunk: bytes) -> bytes:
+        """Read the usage chunk's counts; take it out when the gateway asked for it.  vLLM 0.33 stamps its
+        system_fingerprint on the terminal chunks when usage is off, on the usage chunk when it is on: a
+        client that did not ask gets it where vLLM would have put it."""
+        ex = self.ex
+        at = chunk.find(_USAGE_CHUNK)
+        begin = chunk.rfind(b"data:", 0, at)
+        end = chunk.find(b"\n\n", at) + 2
+        try:
+            event = json.loads(chunk[begin + 5 : end])
+            usage = event["usage"]
+            ex.prompt_tokens = int(usage["prompt_tokens"])
+            ex.completion_tokens = int(usage["completion_tokens"])
+        except (ValueError, KeyError, TypeError):
+            return chunk
+        if not self.strip:
+            return chunk
+        before = chunk[:begin]
+        fingerprint = event.get("system_fingerprint")
+        if isinstance(fingerprint, str) and _TERMINAL in before:
+            before = _stamp(before, b',"system_fingerprint":' + json.dumps(fingerprint).encode() + b"}")
+        return before + chunk[end:]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway import __version__
 from gateway.access.keys import ANONYMOUS
 from gateway.errors import ERROR_TYPES
 from gateway.metrics import buckets
+from gateway.metrics.histogram import Histogram
 
 # vLLM's bucket sets so gateway and engine panels line up, with short buckets in front for the
 # fast endpoints and the gateway's own overhead, and the full 1,048,576-token context at the end.
@@ -26,8 +26,14 @@ PROMPT_BANDS = ((8192, "8k"), (32768, "32k"), (131072, "128k"), (524288, "512k")
 NO_PROMPT_BAND = "none"
 PREFILL_SPEED_BUCKETS = (*buckets.tokens(1_000_000)[3:], 2_000_000.0)  # 10 .. 2M tokens per second
 CLIENT_PHASES = ("queued", "prefill", "decode")
-M = TypeVar("M", bound=MetricWrapperBase)
+C = TypeVar("C", covariant=True)
 GENERATION_ENDPOINTS = ("chat_completions", "completions")
+
+
+class Labelled(Protocol[C]):
+    """A metric with labels: prometheus_client's, or the loop's own histograms."""
+
+    def labels(self, *values: str) -> C: ...
 
 
 class GatewayMetrics:
@@ -244,9 +250,9 @@ class GatewayMetrics:
             __version__
         ).set(1)
         self._declared: set[str] = set()
-        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[Labelled[Any], tuple[str, ...]], Any] = {}
 
-    def child(self, metric: M, *labels: str) -> M:
+    def child(self, metric: Labelled[C], *labels: str) -> C:
         """Label lookups on the hot path: prometheus_client validates each call, a dict does not."""
         key = (metric, labels)
         found = self._children.get(key)
