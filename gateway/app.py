@@ -121,8 +121,8 @@ class Gateway:
         added, removed = self.pool.reconcile(specs)
         if added or removed:
             self.engines.follow(map(self._source, added), (u.url for u in removed))
-            self.router.follow(added, removed)
             self._upstream_gauges(added)
+        self.router.follow(added, removed)  # a changed weight too
 
     def background(self) -> dict[str, Coroutine[None, None, None]]:
         """What runs beside the serving for as long as the app lives: the engines' health checks and load reads

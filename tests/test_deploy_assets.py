@@ -320,6 +320,12 @@ def test_k8s_vllm_example() -> None:
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     config = _k8s("ConfigMap", "glm-gateway")["data"]
     assert config["GATEWAY_UPSTREAM"] == "http://glm-engine:8000"
+    # headless: the name resolves to every ready pod, each an engine of the gateway's, re-resolved while the
+    # pod that leaves sleeps in its preStop
+    assert service["spec"]["clusterIP"] == "None"
+    interval = float(config["GATEWAY_DNS_INTERVAL"])
+    assert interval > 0
+    assert interval + 5 <= int(container["lifecycle"]["preStop"]["exec"]["command"][1])  # + CoreDNS's 5 s TTL
     # drains on SIGTERM as long as the gateway does, within the grace period
     drain = int(config["GATEWAY_DRAIN_TIMEOUT"])
     assert int(_flag(container["args"], "--shutdown-timeout")) == drain
