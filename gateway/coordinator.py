@@ -138,8 +138,9 @@ def _view(upstream: Upstream, state: EngineState) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def apply_view(upstream: Upstream, state: EngineState, view: dict[str, Any]) -> bool:
-    """A worker takes the parent's view of one engine; True when the models it serves changed."""
+def apply_view(upstream: Upstream, state: EngineState, view: dict[str, Any], me: str) -> bool:
+    """Worker ``me`` takes the parent's view of one engine; True when the models it serves changed."""
+    state.others = sum(tokens for worker, tokens in view["held"].items() if worker != me)
     upstream.up, upstream.fails, upstream.successes = view["up"], view["fails"], view["successes"]
     upstream.last_error, upstream.last_check, upstream.cards = view["last_error"], view["last_check"], view["cards"]
     state.was_up, state.loaded_at = view["was_up"], view["loaded_at"]
@@ -219,6 +220,7 @@ class WorkerLink:
     waiting: dict[int, asyncio.Task[float]] = field(default_factory=dict)
     snapshots: dict[int, asyncio.Future[list[Family]]] = field(default_factory=dict)
     last: list[Family] = field(default_factory=list)  # its series at the last scrape
+    tokens: dict[str, int] = field(default_factory=dict)  # engine URL -> its tokens in flight there, last said
 
     def send(self, message: dict[str, Any]) -> None:
         self.write(_frame(message))
@@ -268,7 +270,15 @@ class Authority:
 
     def _send_state(self) -> None:
         self._sending = False
-        self._send_all(self.host.state())
+        self._send_all(self._state())
+
+    def _state(self) -> dict[str, Any]:
+        """The engines' state, with each worker's tokens in flight to each engine (the KV room is global)."""
+        state = self.host.state()
+        for view in state["engines"]:
+            url = view["url"]
+            view["held"] = {str(link.index): link.tokens[url] for link in self.links.values() if link.tokens.get(url)}
+        return state
 
     def _send_all(self, message: dict[str, Any]) -> None:
         frame = _frame(message)
@@ -282,7 +292,7 @@ class Authority:
         hello = json.loads(await reader.readline())
         link = WorkerLink(hello["index"], hello["pid"], writer)
         self.links[link.index] = link
-        link.send(self.host.state())  # before it takes connections, a worker knows the engines
+        link.send(self._state())  # before it takes connections, a worker knows the engines
         self.connected(link.index)
         try:
             while line := await reader.readline():
@@ -311,6 +321,9 @@ class Authority:
                 task.cancel()  # a grant at this moment is handed on by Admission itself
         elif op == "observed":
             self.host.observed(msg)
+        elif op == "tokens":
+            link.tokens = msg["tokens"]
+            self.send_state()
         elif op == "series":
             future = link.snapshots.pop(msg["id"], None)
             if future is not None and not future.done():
@@ -365,6 +378,8 @@ class Authority:
         self.retired.add([f for f in link.last if gateway_series(f[0])], gauges=False)
         if self.links.get(link.index) is link:
             del self.links[link.index]
+        if any(link.tokens.values()):  # its tokens left the engines with it
+            self.send_state()
 
     async def _snapshot(self, link: WorkerLink) -> list[Family]:
         ask = next(self._ids)
@@ -418,6 +433,8 @@ class ParentLink:
         self.known = asyncio.Event()  # the first one came (the parent sends it as the worker connects)
         self.on_engines: Callable[[dict[str, Any]], None] | None = None
         self.on_keys: Callable[[], None] | None = None
+        self.tokens: Callable[[], dict[str, int]] = dict  # engine URL -> this worker's tokens in flight there
+        self._tokens_due = False
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
@@ -467,6 +484,18 @@ class ParentLink:
     def observed(self, upstream: Upstream, event: str, reason: str = "", *, down: bool = False) -> None:
         """What a request met at an engine, for the parent's breaker (and its view of the engine being up)."""
         self._send({"op": "observed", "url": upstream.url, "event": event, "reason": reason, "down": down})
+
+    def held(self) -> None:
+        """This worker's tokens in flight to an engine changed: the parent hears it (once for the changes of this
+        moment) and tells the other workers."""
+        if not self._tokens_due:
+            self._tokens_due = True
+            asyncio.get_running_loop().call_soon(self._send_tokens)
+
+    def _send_tokens(self) -> None:
+        self._tokens_due = False
+        if self._writer is not None and not self._writer.is_closing():
+            self._send({"op": "tokens", "tokens": self.tokens()})
 
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         ask = message["id"] = next(self._ids)

@@ -27,6 +27,7 @@ from gateway.access.limits import LocalStore, RedisStore
 from gateway.app import Gateway, drain_on_signal
 from gateway.coordinator import Authority, Family, ParentLink, SharedBreaker, apply_view, families
 from gateway.listener import ListenError, make_runner, raise_open_files
+from gateway.routing.load import EngineState
 from gateway.settings import Settings, UpstreamSpec
 
 log = logging.getLogger("gateway.workers")
@@ -55,6 +56,8 @@ class WorkerGateway(Gateway):
             else:
                 self.access.limiter.store = LocalStore(workers)
         self._share_breakers()
+        self.router.held = self._held
+        parent.tokens = self._tokens
         parent.on_engines = self.apply
         self.apply(parent.engines)
 
@@ -67,17 +70,25 @@ class WorkerGateway(Gateway):
             if not isinstance(state.breaker, SharedBreaker):
                 state.breaker = SharedBreaker(upstream, self.parent, s.breaker_failures, s.breaker_cooldown)
 
+    def _held(self, state: EngineState) -> None:
+        if state.capacity(time.monotonic()):  # its KV room is admitted: the other workers must count these
+            self.parent.held()
+
+    def _tokens(self) -> dict[str, int]:
+        return {u.url: state.tokens for u, state in self.router.states.items()}
+
     def apply(self, state: dict[str, Any]) -> None:
         """The parent's engine state: the engines (as its DNS discovery found them), each one's health, models,
         load view and breaker, and the GPU faults."""
         self.set_engines([UpstreamSpec(v["url"], v["name"], v["weight"]) for v in state["engines"]])
         self._share_breakers()
         by_url = {u.url: u for u in self.pool.upstreams}
+        me = str(self.parent.index)
         served = False
         for view in state["engines"]:
             upstream = by_url.get(view["url"])
             if upstream is not None:
-                served |= apply_view(upstream, self.router.states[upstream], view)
+                served |= apply_view(upstream, self.router.states[upstream], view, me)
         if served:
             self.pool._index()
             self.metrics.declare(self.pool.models())

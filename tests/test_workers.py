@@ -17,34 +17,47 @@ import aiohttp
 
 from gateway.access.keys import digest
 from tests.harness import CHAT, HELLO, MODEL, Process, error_body, free_port, samples, value, wait_http
+from tests.test_discovery import HOSTS, NAME, dns_server, shared_port
 
 SLOW = 150  # tokens at the sim's 2 ms each: a request that stays at the engine while others arrive
 TEAM = "sk-team-0123456789abcdef"
 ADMIN = "sk-admin-0123456789abcdef"
 
 
+def sim_process(host: str, port: int, *flags: str) -> Process:
+    return Process("sim", "--host", host, "--port", str(port), "--itl", "0.002", "--ttft", "0.005", *flags)
+
+
+@contextlib.contextmanager
+def workers(*flags: str) -> Iterator[tuple[str, Process]]:
+    """A gateway of two workers, as a process, once ready; drained and stopped at the end."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gw = Process(
+        "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--access-log", "off",
+        "--log-level", "info", "--health-interval", "0.2", *flags,
+    )  # fmt: skip
+    try:
+        wait_http(url + "/health/ready")
+        yield url, gw
+    finally:
+        if gw.proc.poll() is None:  # drained, so that the parent removes its coordination socket
+            gw.signal(signal.SIGTERM)
+            gw.wait(30)
+        gw.stop()
+
+
 @contextlib.contextmanager
 def stack(*flags: str, sim_flags: tuple[str, ...] = ()) -> Iterator[tuple[str, str, Process]]:
     """The sim and a gateway of two workers in front of it, as processes; stopped at the end."""
-    sim_port, gw_port = free_port(), free_port()
-    sim_url, gw_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
-    sim = Process("sim", "--host", "127.0.0.1", "--port", str(sim_port), "--itl", "0.002", "--ttft", "0.005",
-                  *sim_flags)  # fmt: skip
-    gw = None
+    sim_port = free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    sim = sim_process("127.0.0.1", sim_port, *sim_flags)
     try:
         wait_http(sim_url + "/health")
-        gw = Process(
-            "serve", "--host", "127.0.0.1", "--port", str(gw_port), "--upstream", sim_url, "--workers", "2",
-            "--access-log", "off", "--log-level", "info", "--health-interval", "0.2", *flags,
-        )  # fmt: skip
-        wait_http(gw_url + "/health/ready")
-        yield sim_url, gw_url, gw
+        with workers("--upstream", sim_url, *flags) as (url, gw):
+            yield sim_url, url, gw
     finally:
-        if gw is not None:
-            if gw.proc.poll() is None:  # drained, so that the parent removes its coordination socket
-                gw.signal(signal.SIGTERM)
-                gw.wait(30)
-            gw.stop()
         sim.stop()
 
 
@@ -375,3 +388,88 @@ async def test_a_keys_file_change_reaches_every_worker_on_sighup_and_by_itself(t
             await until(counted_401, "every 401 counted")
             text = await scrape(url, admin)
             assert value(text, "gateway_requests_in_flight") == 0
+
+
+async def test_dns_discovery_runs_in_the_parent_and_its_engines_reach_every_worker() -> None:
+    with contextlib.ExitStack() as processes:
+        zone, server = dns_server(processes)
+        port = shared_port()
+        for host in HOSTS:
+            processes.callback(sim_process(host, port).stop)
+        for host in HOSTS:
+            wait_http(f"http://{host}:{port}/health")
+        zone.records[NAME] = [HOSTS[0]]
+        flags = ("--upstream", f"http://{NAME}:{port}", "--dns-server", server, "--dns-interval", "0.1")
+        url, _gw = processes.enter_context(workers(*flags))
+        async with AsyncExitStack() as sessions:
+            each = await per_worker(sessions, url)
+
+            def engines_are(*hosts: str) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    want = [f"{NAME}@{host}:{port}" for host in hosts]
+                    return all([[u["name"] for u in (await status_of(s, url))["upstreams"]] == want
+                                for s in each.values()])  # fmt: skip
+
+                return check
+
+            assert await engines_are(HOSTS[0])()  # known to each worker before it took a connection
+            zone.records[NAME] = list(HOSTS)
+            await until(engines_are(*HOSTS), "both workers to have the engine that joined")
+            zone.records[NAME] = [HOSTS[1]]
+            await until(engines_are(HOSTS[1]), "both workers to drop the engine that left")
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            for index, session in each.items():
+                async with session.post(url + CHAT, json=body) as r:
+                    assert r.status == 200
+                assert await worker_of(session, url) == index
+        state = await get_json(f"http://{HOSTS[1]}:{port}/admin/state")
+        assert len(state["requests"]) == 2  # both at the engine that is left
+
+
+async def faults(sim: str, **values: Any) -> None:
+    async with aiohttp.ClientSession() as s, s.post(sim + "/admin/faults", json=values) as r:
+        assert r.status == 200
+
+
+async def test_an_engines_kv_room_counts_the_tokens_of_every_worker() -> None:
+    # room 9,000 tokens (10,000 x --kv-headroom 0.9); a request of about 4,700 (4,500 prompt + 200): one fits, two
+    # do not. The engine's own view is read once (at start, idle): only the gateway's count of tokens in flight decides.
+    with stack("--engine-load-interval", "60", sim_flags=("--kv-cache-tokens", "10000")) as (sim, url, _gw):
+        async with AsyncExitStack() as sessions:
+            looks, sends = await per_worker(sessions, url), await per_worker(sessions, url)
+
+            async def routing(worker: int) -> Any:
+                return (await status_of(looks[worker], url))["upstreams"][0]["routing"]
+
+            async def post(worker: int) -> tuple[int, Any]:
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 4500}], "max_tokens": 200}
+                async with sends[worker].post(url + CHAT, json=body) as r:
+                    return r.status, await r.json()
+
+            await faults(sim, hang=True)
+            first = asyncio.ensure_future(post(0))  # held by worker 0 at an engine that does not answer
+
+            async def counted_by_worker_1() -> bool:
+                return (await routing(1))["other_workers_tokens_in_flight"] > 0
+
+            await until(counted_by_worker_1, "worker 1 to count worker 0's tokens")
+            await faults(sim, hang=False)
+            second = asyncio.ensure_future(post(1))
+
+            async def second_waits() -> bool:
+                status = await status_of(looks[1], url)
+                return bool(status["routing"]["waiting_for_kv_room"] == 1)
+
+            await until(second_waits, "worker 1's request to wait for KV room")
+            assert [e["outcome"] for e in (await get_json(sim + "/admin/state"))["requests"]] == ["hang"]
+            first.cancel()  # the client leaves: worker 0 frees the room, and worker 1 hears it
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            status, body = await second
+            assert status == 200 and body["usage"]["completion_tokens"] == 200
+
+            async def nothing_held() -> bool:
+                views = [await routing(w) for w in (0, 1)]
+                return all(v["gateway_tokens_in_flight"] == v["other_workers_tokens_in_flight"] == 0 for v in views)
+
+            await until(nothing_held, "no tokens left in flight")

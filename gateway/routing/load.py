@@ -63,8 +63,8 @@ class EngineState:
     its weight and its slow start."""
 
     __slots__ = (
-        "breaker", "headroom", "load", "loaded_at", "slow_start", "source", "stale_after", "tokens", "upstream",
-        "was_up", "weight",
+        "breaker", "headroom", "load", "loaded_at", "others", "slow_start", "source", "stale_after", "tokens",
+        "upstream", "was_up", "weight",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +88,7 @@ class EngineState:
         self.load: EngineLoad | None = None
         self.loaded_at = -math.inf
         self.tokens = 0  # estimated tokens (prompt + max_tokens) this gateway has in flight to it
+        self.others = 0  # those the other workers of --workers have in flight to it, as their parent last said
         self.was_up: bool | None = None  # None until its first good check
 
     def update(self, now: float) -> None:
@@ -125,7 +126,7 @@ class EngineState:
         view = self.view(now)
         if view is None or not view.kv_capacity:
             return math.inf
-        return view.kv_capacity * self.headroom - max(self.tokens, view.kv_used)
+        return view.kv_capacity * self.headroom - max(self.tokens + self.others, view.kv_used)
 
     def share(self, now: float) -> float:
         """Its weight, ramped from a tenth to whole over --slow-start seconds after it came back."""
@@ -152,6 +153,7 @@ class EngineState:
             "kv_used_tokens": view.kv_used if view is not None else None,
             "kv_free_tokens": None if math.isinf(room) else int(room),
             "gateway_tokens_in_flight": self.tokens,
+            "other_workers_tokens_in_flight": self.others,
             "weight": self.weight,
             "share": round(self.share(now), 3),
             "breaker": self.breaker.state(now),

@@ -84,6 +84,8 @@ class Router:
         self.budget = RetryBudget(settings.retry_budget)
         self._waiters: deque[_Waiter] = deque()
         self.after: Callable[[], None] | None = None  # after each load round (the parent of --workers sends it on)
+        self.held: Callable[[EngineState], None] | None = None  # an engine's tokens in flight changed (a worker
+        # of --workers tells its parent)
         self.follow(pool.upstreams, (), joined=False)
 
     def follow(self, added: Iterable[Upstream], removed: Iterable[Upstream], *, joined: bool = True) -> None:
@@ -255,8 +257,13 @@ class Router:
         ordered = [*order, *least_load(rest, now)]
         route = Route(ordered, cost)
         route.hold(ordered[0], now)
+        self._held(ordered[0])
         self._decided(ordered[0].upstream, reason)
         return route
+
+    def _held(self, state: EngineState) -> None:
+        if self.held is not None:
+            self.held(state)
 
     def _decided(self, upstream: Upstream, reason: str) -> None:
         m = self.metrics
@@ -289,6 +296,7 @@ class Router:
         state = self.states.get(to)
         if route.held is not None and state is not None:  # an admitted request: its tokens and decision move along
             route.hold(state, time.monotonic())
+            self._held(state)
             self._decided(to, RETRY)
         return True
 
@@ -312,6 +320,7 @@ class Router:
         """The request finished: its tokens leave the engine that held them; waiting requests may fit now."""
         if route.held is not None:
             route.held.tokens -= route.cost
+            self._held(route.held)
             route.held = None
             if self._leaving:
                 self._drop_idle()
