@@ -112,7 +112,9 @@ async def test_a_name_is_each_of_its_addresses_followed_as_its_records_change(
     port = shared_port()
     sims = [await sim_at(stack, host, port, itl=0.02) for host in HOSTS]
     names = [f"{NAME}@{host}:{port}" for host in HOSTS]
-    gw = await gateway_in(stack, [f"http://{NAME}:{port}"], dns_interval=0.05, dns_server=server, slow_start=0, **LOADS)
+    gw = await gateway_in(
+        stack, [f"http://{NAME}:{port};weight=2"], dns_interval=0.05, dns_server=server, slow_start=0, **LOADS
+    )
     client = await client_in(stack, gw)
 
     # one address: one engine, named by the host and its address
@@ -129,9 +131,9 @@ async def test_a_name_is_each_of_its_addresses_followed_as_its_records_change(
     await wait_for(lambda: engines(gw) == names and all(u.up for u in gw.gateway.pool.upstreams), "two engines")
     await wait_for(lambda: all(s.capacity(time.monotonic()) for s in gw.gateway.router.states.values()), "KV views")
     body = await status(gw)
-    assert [(u["name"], u["url"], u["up"]) for u in body["upstreams"]] == [
-        (name, sim.url, True) for name, sim in zip(names, sims, strict=True)
-    ]
+    assert [(u["name"], u["url"], u["up"], u["routing"]["weight"]) for u in body["upstreams"]] == [
+        (name, sim.url, True, 2) for name, sim in zip(names, sims, strict=True)
+    ]  # each address an engine with the upstream's weight
     code, _, models = await fetch("GET", gw.url + "/v1/models")
     assert code == 200 and [m["id"] for m in json.loads(models)["data"]] == [MODEL]
     assert await asyncio.gather(*(chat(client, f"both-{i}", 8) for i in range(8))) == ["length"] * 8
