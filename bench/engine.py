@@ -5,8 +5,8 @@ scaling cannot show (bench/README.md, workload 10).  This engine parses only the
 ``Content-Length`` and, in a chat body, ``"stream"``, ``"max_tokens"`` and ``"include_usage"``, and
 answers with bytes built once: a chat completion of N tokens, or an SSE stream of N content events
 (one chunk each) paced by one timer for all streams every ``--itl`` seconds (0: the whole stream in one
-write), plus ``/health`` and ``/v1/models``.  It has no ``/metrics`` (404), so the gateway routes by its
-own counts.  ``python -m bench.engine --port P [--itl S]``.
+write), plus ``/health``, ``/v1/models`` and a ``/metrics`` of idle vLLM gauges and a 600,000-token KV cache,
+so the gateway's routing takes its engine-view path.  ``python -m bench.engine --port P [--itl S]``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,20 @@ MODELS = _response(
     "application/json",
     json.dumps(
         {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm", "max_model_len": 1048576}]}
+    ).encode(),
+)
+# the load view the gateway reads (vllm:* gauges, idle, and the KV capacity): routing takes its engine path
+METRICS = _response(
+    "200 OK",
+    "text/plain; version=0.0.4",
+    "".join(
+        f'# TYPE {name} gauge\n{name}{{engine="0",model_name="{MODEL}"{labels}}} {value}\n'
+        for name, labels, value in (
+            ("vllm:num_requests_running", "", 0.0),
+            ("vllm:num_requests_waiting", "", 0.0),
+            ("vllm:kv_cache_usage_perc", "", 0.0),
+            ("vllm:cache_config_info", ',block_size="16",num_gpu_blocks="37500"', 1.0),
+        )
     ).encode(),
 )
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -173,6 +187,8 @@ class _Connection(asyncio.Protocol):
             self.transport.write(HEALTH)
         elif path == b"/v1/models":
             self.transport.write(MODELS)
+        elif path == b"/metrics":
+            self.transport.write(METRICS)
         else:
             self.transport.write(NOT_FOUND)
 
