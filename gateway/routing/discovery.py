@@ -123,7 +123,7 @@ class Discovery:
         self.metrics = metrics
         self.known = [[spec] for spec in specs]  # each upstream's engines as last resolved
         self.applied = list(specs)
-        self._failing: dict[int, str] = {}  # upstream index -> why its last resolution failed (logged once)
+        self._failing: dict[int, str] = {}  # upstream index -> its last resolution's failed result (logged once)
         for result in (OK, NO_ADDRESS, ERROR):
             metrics.child(metrics.dns_resolutions, result)
         for change in (ADDED, REMOVED):
@@ -182,10 +182,10 @@ class Discovery:
             result, why = ERROR, f"no answer within {TIMEOUT:g} s"
         self.metrics.child(self.metrics.dns_resolutions, result).inc()
         if result != OK:
-            if self._failing.get(i) != why:
+            if self._failing.get(i) != result:
                 kept = ", ".join(s.name for s in self.known[i])
                 log.warning("DNS name %s did not resolve (%s): its engines stay %s", host, why, kept)
-            self._failing[i] = why
+            self._failing[i] = result
             return None
         if self._failing.pop(i, None) is not None:
             log.info("DNS name %s resolves again", host)
