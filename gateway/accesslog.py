@@ -22,6 +22,7 @@ FIELDS = (
     "first_byte", "ttft", "duration", "prompt_tokens", "completion_tokens", "bytes_in", "bytes_out", "key",
 )  # fmt: skip
 _MAX_PENDING = 100_000  # lines waiting for a stuck output; beyond it lines are dropped and counted
+_BATCH_S = 0.05  # seconds a line may wait on the loop before it is handed to the writer thread
 _SAFE = re.compile(r"[\w.:/@+=,-]*")  # shown bare in text; anything else is quoted as a JSON string
 
 
@@ -88,48 +89,66 @@ def text_line(ex: Exchange) -> str:
 
 class AccessLog:
     """Called with each finished request (``Proxy.on_finish``): the line is made on the loop and handed to a
-    writer thread, so a slow or blocked output never stalls a request."""
+    writer thread, so a slow or blocked output never stalls a request.  Lines are handed over in batches, at
+    most ``_BATCH_S`` after their request ended: waking the thread for each line cost more than writing it."""
 
     def __init__(self, fmt: str, stream: TextIO | None = None) -> None:
         self.line = json_line if fmt == "json" else text_line
         self.stream = stream  # None: the process's stdout at the time of writing
         self.dropped = 0
-        self._queue: SimpleQueue[str | None] = SimpleQueue()
+        self.made = self.written = 0  # lines: each counter is only ever added to by one thread
+        self._batch: list[str] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._queue: SimpleQueue[list[str] | None] = SimpleQueue()
 
     def __call__(self, ex: Exchange) -> None:
-        if self._queue.qsize() >= _MAX_PENDING:
+        if self.made - self.written >= _MAX_PENDING:
             self.dropped += 1
             return
-        self._queue.put(self.line(ex))
+        self.made += 1
+        self._batch.append(self.line(ex))
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(_BATCH_S, self._hand_over)
+
+    def _hand_over(self) -> None:
+        self._flush = None
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch = []
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the writer runs as long as the app, and writes every line before it ends."""
         writer = threading.Thread(target=self._write, name="access-log", daemon=True)
         writer.start()
         yield
+        if self._flush is not None:
+            self._flush.cancel()
+        self._hand_over()
         self._queue.put(None)
         await asyncio.to_thread(writer.join, 5.0)
 
     def _write(self) -> None:
-        """Block for a line, then take every line waiting and write them in one go."""
+        """Block for a batch, then take every batch waiting and write them in one go."""
         reported = 0
         while True:
-            line = self._queue.get()
-            batch = []
-            while line is not None:
-                batch.append(line)
+            batch = self._queue.get()
+            lines: list[str] = []
+            while batch is not None:
+                lines += batch
                 try:
-                    line = self._queue.get_nowait()
+                    batch = self._queue.get_nowait()
                 except Empty:
                     break
+            count = len(lines)
             if self.dropped > reported:
-                batch.append(f"access log: {self.dropped - reported} lines dropped, the output did not keep up\n")
+                lines.append(f"access log: {self.dropped - reported} lines dropped, the output did not keep up\n")
                 reported = self.dropped
             stream = self.stream or sys.stdout
             try:
-                stream.write("".join(batch))
+                stream.write("".join(lines))
                 stream.flush()
             except (OSError, ValueError):  # the output is gone (closed pipe): the requests go on
                 pass
-            if line is None:
+            self.written += count
+            if batch is None:
                 return

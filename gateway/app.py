@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -234,6 +235,7 @@ async def drain_on_signal(gateway: Gateway, runner: ListenerRunner) -> None:
     """First signal: draining; bodies still arriving are answered 503 (not admitted, so nothing is lost).
     At ``--drain-timeout`` or the second signal, each request still at an engine is cut there and then:
     a stream ends with an error event and [DONE], a request waiting for its answer gets a 502."""
+    gc.freeze()  # what was built before serving lives as long as the process: kept out of every collection
     loop = asyncio.get_running_loop()
     stop, hard = asyncio.Event(), asyncio.Event()
 
