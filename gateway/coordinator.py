@@ -138,9 +138,8 @@ def _view(upstream: Upstream, state: EngineState) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def apply_view(upstream: Upstream, state: EngineState, view: dict[str, Any], me: str) -> bool:
-    """Worker ``me`` takes the parent's view of one engine; True when the models it serves changed."""
-    state.others = sum(tokens for worker, tokens in view["held"].items() if worker != me)
+def apply_view(upstream: Upstream, state: EngineState, view: dict[str, Any]) -> bool:
+    """A worker takes the parent's view of one engine; True when the models it serves changed."""
     upstream.up, upstream.fails, upstream.successes = view["up"], view["fails"], view["successes"]
     upstream.last_error, upstream.last_check, upstream.cards = view["last_error"], view["last_check"], view["cards"]
     state.was_up, state.loaded_at = view["was_up"], view["loaded_at"]
@@ -246,7 +245,7 @@ class Authority:
         self.retired = Merged()  # the counters of workers that died, so that no total goes backwards
         self._ids = itertools.count()
         self._scrapes: set[asyncio.Future[None]] = set()
-        self._sending = False
+        self._due: set[str] = set()  # what to send every worker at the end of this moment: engines, tokens
 
     def reload(self) -> None:
         """SIGHUP or a change of the keys file: read here (the fair queue's weights and caps) and by every worker."""
@@ -262,23 +261,29 @@ class Authority:
             if ring.changed():
                 self.reload()
 
-    def send_state(self) -> None:
-        """The engines' state to every worker, once for all the changes of this moment."""
-        if not self._sending:
-            self._sending = True
-            asyncio.get_running_loop().call_soon(self._send_state)
+    def send_state(self, what: str = "engines") -> None:
+        """The engines' state (or only the workers' tokens at them) to every worker, once for all the changes of
+        this moment."""
+        if not self._due:
+            asyncio.get_running_loop().call_soon(self._send_due)
+        self._due.add(what)
 
-    def _send_state(self) -> None:
-        self._sending = False
-        self._send_all(self._state())
+    def _send_due(self) -> None:
+        message = self._state() if "engines" in self._due else {"op": "tokens", "held": self._held()}
+        self._due.clear()
+        self._send_all(message)
 
     def _state(self) -> dict[str, Any]:
-        """The engines' state, with each worker's tokens in flight to each engine (the KV room is global)."""
-        state = self.host.state()
-        for view in state["engines"]:
-            url = view["url"]
-            view["held"] = {str(link.index): link.tokens[url] for link in self.links.values() if link.tokens.get(url)}
-        return state
+        return self.host.state() | {"held": self._held()}
+
+    def _held(self) -> dict[str, dict[str, int]]:
+        """Each engine's tokens in flight from each worker (the KV room counts them all)."""
+        held: dict[str, dict[str, int]] = {}
+        for link in self.links.values():
+            for url, tokens in link.tokens.items():
+                if tokens:
+                    held.setdefault(url, {})[str(link.index)] = tokens
+        return held
 
     def _send_all(self, message: dict[str, Any]) -> None:
         frame = _frame(message)
@@ -323,7 +328,7 @@ class Authority:
             self.host.observed(msg)
         elif op == "tokens":
             link.tokens = msg["tokens"]
-            self.send_state()
+            self.send_state("tokens")
         elif op == "series":
             future = link.snapshots.pop(msg["id"], None)
             if future is not None and not future.done():
@@ -379,7 +384,7 @@ class Authority:
         if self.links.get(link.index) is link:
             del self.links[link.index]
         if any(link.tokens.values()):  # its tokens left the engines with it
-            self.send_state()
+            self.send_state("tokens")
 
     async def _snapshot(self, link: WorkerLink) -> list[Family]:
         ask = next(self._ids)
@@ -433,6 +438,7 @@ class ParentLink:
         self.known = asyncio.Event()  # the first one came (the parent sends it as the worker connects)
         self.on_engines: Callable[[dict[str, Any]], None] | None = None
         self.on_keys: Callable[[], None] | None = None
+        self.on_tokens: Callable[[dict[str, dict[str, int]]], None] | None = None
         self.tokens: Callable[[], dict[str, int]] = dict  # engine URL -> this worker's tokens in flight there
         self._tokens_due = False
 
@@ -469,13 +475,15 @@ class ParentLink:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def _told(self, op: str, msg: dict[str, Any]) -> None:
-        """The parent's news: the engines' state, or the keys file to read again."""
+        """The parent's news: the engines' state, the other workers' tokens at them, or the keys file to read."""
         try:
             if op == "engines":
                 self.engines = msg
                 if self.on_engines is not None:
                     self.on_engines(msg)
                 self.known.set()
+            elif op == "tokens" and self.on_tokens is not None:
+                self.on_tokens(msg["held"])
             elif op == "keys" and self.on_keys is not None:
                 self.on_keys()
         except Exception:  # a bug here must not cut this worker off its parent

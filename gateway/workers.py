@@ -58,6 +58,7 @@ class WorkerGateway(Gateway):
         self._share_breakers()
         self.router.held = self._held
         parent.tokens = self._tokens
+        parent.on_tokens = self._others
         parent.on_engines = self.apply
         self.apply(parent.engines)
 
@@ -83,16 +84,22 @@ class WorkerGateway(Gateway):
         self.set_engines([UpstreamSpec(v["url"], v["name"], v["weight"]) for v in state["engines"]])
         self._share_breakers()
         by_url = {u.url: u for u in self.pool.upstreams}
-        me = str(self.parent.index)
         served = False
         for view in state["engines"]:
             upstream = by_url.get(view["url"])
             if upstream is not None:
-                served |= apply_view(upstream, self.router.states[upstream], view, me)
+                served |= apply_view(upstream, self.router.states[upstream], view)
         if served:
             self.pool._index()
             self.metrics.declare(self.pool.models())
         self.health.gpu_faults = state["gpu_faults"]
+        self._others(state["held"])
+
+    def _others(self, held: dict[str, dict[str, int]]) -> None:
+        """The tokens the other workers have in flight to each engine; room they freed lets waiting requests in."""
+        me = str(self.parent.index)
+        for upstream, state in self.router.states.items():
+            state.others = sum(tokens for worker, tokens in held.get(upstream.url, {}).items() if worker != me)
         self.router.refreshed()
 
     def series(self) -> list[Family]:
