@@ -36,11 +36,12 @@ log = logging.getLogger("gateway.workers")
 _SNAPSHOT_TIMEOUT = 2.0  # seconds a worker has to send its series for a scrape; its last ones count after
 _LINE_LIMIT = 1 << 28  # bytes of one message: a worker's series, the merged exposition
 _WATCH_INTERVAL = 1.0  # seconds between looks at the keys file (as one process's watch)
-# gauges that the parent answers for all workers together: its admission's, its checks' and breakers'
+# the series that the parent answers for all workers together: its admission's, its checks', its breakers' and its
+# DNS discovery's
 _PARENTS = frozenset(
     ("gateway_requests_in_flight", "gateway_queue_depth", "gateway_tokens_in_flight",
      "gateway_key_requests_in_flight", "gateway_key_queue_depth", "gateway_upstream_up",
-     "gateway_upstream_breaker_state")
+     "gateway_upstream_breaker_state", "gateway_dns_resolutions", "gateway_upstream_changes")
 )  # fmt: skip
 _HOST = ("gateway_gpu_", "gateway_host_")  # the GPU and host series: the parent collects them, once
 _SUMMED_GAUGES = frozenset(("gateway_client_connections", "gateway_upstream_requests_in_flight"))

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -171,6 +173,10 @@ async def test_both_workers_serve_and_every_scrape_gives_the_same_exact_totals()
             assert sum(line.startswith("gateway_host_cpus ") for line in lines) == 1
             workers = {k[1] for k in samples(text) if k[0] == "process_resident_memory_bytes"}
             assert workers == {frozenset({("worker", w)}) for w in ("0", "1", "parent")}
+            if shutil.which("promtool"):  # as Prometheus parses it (its lint of vLLM's names aside)
+                command = ["promtool", "check", "metrics"]
+                lint = await asyncio.to_thread(subprocess.run, command, input=text, capture_output=True, text=True)
+                assert "error while linting" not in lint.stdout + lint.stderr, lint.stderr
             assert value(text, "gateway_requests_in_flight") == 0
             assert value(text, "gateway_queue_depth") == 0
             duration = "gateway_request_duration_seconds_count"
@@ -422,6 +428,10 @@ async def test_dns_discovery_runs_in_the_parent_and_its_engines_reach_every_work
                 async with session.post(url + CHAT, json=body) as r:
                     assert r.status == 200
                 assert await worker_of(session, url) == index
+            text = await scrape(url)  # the parent's discovery, counted once: the name became its first address,
+            assert value(text, "gateway_upstream_changes_total", change="added") == 2  # then the second joined
+            assert value(text, "gateway_upstream_changes_total", change="removed") == 2  # and the first left
+            assert value(text, "gateway_dns_resolutions_total", result="ok") >= 3
         state = await get_json(f"http://{HOSTS[1]}:{port}/admin/state")
         assert len(state["requests"]) == 2  # both at the engine that is left
 
