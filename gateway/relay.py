@@ -23,10 +23,7 @@ DONE = b"data: [DONE]\n\n"
 _USAGE_CHUNK = b'"choices":[]'
 _TERMINAL = b'"finish_reason":"'  # a choice's last chunk (finish_reason not null)
 _ERROR_EVENT = b'data: {"error"'
-# one content event that finishes nothing: a completion chunk's head, and its choice's finish_reason near its end
-_CHUNK_HEAD = b'data: {"id"'
-_NOT_FINISHED = b'"finish_reason":null'
-_TAIL = 128  # bytes that may follow it in a vLLM chunk: stop_reason, token_ids, continuous usage stats
+_NOT_FINISHED = b'"finish_reason":null'  # once in each token chunk (vLLM sends one choice per chunk)
 _BUSY = re.compile(rb"currently busy|backlog limit")  # vLLM 0.33's 503s when its own queue is full
 _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
 
@@ -267,19 +264,19 @@ class _Events:
         else:
             chunk, self.carry = chunk[:end], chunk[end:]
         last = self.last
-        if (  # the common case, one token's chunk mid-stream: the scans below cannot find anything in it
-            last
-            and not self.held
-            and chunk.startswith(_CHUNK_HEAD)
-            and chunk.find(_NOT_FINISHED, -_TAIL) >= 0
-            and chunk.count(b"\n\n") == 1
-        ):
+        n = chunk.count(b"\n\n")
+        if last and not self.held and chunk.count(_NOT_FINISHED) == n:
+            # the common case mid-stream, token chunks only: every event finishes nothing, so none is a comment,
+            # an error, the usage chunk, a terminal chunk or [DONE] (inside a JSON string the marker is escaped)
             now = perf_counter()
-            self.events += 1
-            self.itl.observe(now - last)
+            self.events += n
+            itl = self.itl
+            itl.observe(now - last)
+            for _ in range(n - 1):
+                itl.observe(0.0)  # events that arrived together
             self.last = now
             return chunk
-        n = chunk.count(b"\n\n") - comment_blocks(chunk)
+        n -= comment_blocks(chunk)
         held = self.held
         if not n:
             if held:
