@@ -153,8 +153,8 @@ def apply_view(upstream: Upstream, state: EngineState, view: dict[str, Any]) -> 
 
 
 class EngineHost(Gateway):
-    """The parent's own gateway, which serves no request: it checks the engines, reads their load, keeps their
-    breakers, collects the GPU and host series, and holds the one ``Admission`` of all workers."""
+    """The parent's own gateway, which serves no request: it checks the engines, resolves their names, reads their
+    load, keeps their breakers, collects the GPU and host series, and holds the one ``Admission`` of all workers."""
 
     def __init__(self, settings: Settings, changed: Callable[[], None]) -> None:
         super().__init__(settings)
@@ -348,7 +348,7 @@ class Authority:
 
     def _decided(self, link: WorkerLink, msg: dict[str, Any], task: asyncio.Task[float]) -> None:
         link.waiting.pop(msg["id"], None)
-        reply: dict[str, Any] = {"id": msg["id"], "state": self.state()}
+        reply: dict[str, Any] = {"id": msg["id"], "state": self.levels()}
         if task.cancelled():
             reply["cancelled"] = True
         elif isinstance(exc := task.exception(), GatewayError):
@@ -365,7 +365,8 @@ class Authority:
             return
         link.send(reply)
 
-    def state(self) -> list[float]:
+    def levels(self) -> list[float]:
+        """The admission's levels that a worker reads between its own asks (queue positions, ETAs, /status)."""
         a = self.admission
         return [a.in_flight, a.queue_depth, a.tokens_in_flight, a.granted, a.eta(1)]
 

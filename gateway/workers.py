@@ -1,5 +1,6 @@
 """``--workers N``: one parent owns the listening socket and the coordination, and supervises N worker
-processes that serve it (each a whole gateway whose admission asks the parent); a dead worker is restarted."""
+processes that serve it (each a whole gateway whose admission, engine state and breakers are the parent's); a
+dead worker is restarted."""
 
 from __future__ import annotations
 
