@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TypeVar
@@ -12,6 +13,7 @@ from aiohttp import web
 from gateway.errors import REQUEST_ID
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.heartbeat")
 
 _HEADERS = (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
 
@@ -34,23 +36,14 @@ class Heartbeat:
         """Bytes reached the client (the engine's own keep-alive comment too): the next beat is due later."""
         self.last = perf_counter()
 
-    async def wait(self, aw: Awaitable[T], comment: Callable[[], str], undo: Callable[[T], object] | None = None) -> T:
-        """Await ``aw``, writing ``: <comment()>`` each time the client has had no byte for an interval.
-        If the wait fails (the client left) just as ``aw`` succeeded, ``undo`` gives its result back."""
-        future = asyncio.ensure_future(aw)
+    async def wait(self, aw: Awaitable[T], comment: Callable[[], str]) -> T:
+        """Await ``aw`` in this task while a timer writes ``: <comment()>`` each time the client has had no byte
+        for an interval; a client gone by then cancels this task, as any client that leaves does."""
+        ticker = _Ticker(self, comment)
         try:
-            while True:
-                due = self.last + self.interval - perf_counter()
-                if due > 0:
-                    done, _ = await asyncio.wait((future,), timeout=due)
-                    if done:
-                        return future.result()
-                    continue
-                await self.beat(comment())
-        except BaseException:
-            if not future.cancel() and undo is not None and not future.cancelled() and future.exception() is None:
-                undo(future.result())
-            raise
+            return await aw
+        finally:
+            ticker.stop()
 
     async def beat(self, text: str) -> None:
         response = self.response
@@ -60,3 +53,48 @@ class Heartbeat:
             self.response = response
         await response.write(f": {text}\n\n".encode())
         self.wrote()
+
+
+class _Ticker:
+    """The timer of one wait: armed for when the next beat is due, which it sends from a task of its own."""
+
+    __slots__ = ("beat", "comment", "handle", "loop", "sending", "stopped", "waiter")
+
+    def __init__(self, beat: Heartbeat, comment: Callable[[], str]) -> None:
+        self.beat = beat
+        self.comment = comment
+        self.loop = asyncio.get_running_loop()
+        self.waiter = asyncio.current_task()
+        self.handle: asyncio.TimerHandle | None = None
+        self.sending: asyncio.Task[None] | None = None
+        self.stopped = False
+        self._arm()
+
+    def _arm(self) -> None:
+        due = self.beat.last + self.beat.interval - perf_counter()
+        self.handle = self.loop.call_later(max(due, 0.0), self._due)
+
+    def _due(self) -> None:
+        self.handle = None
+        if self.beat.last + self.beat.interval > perf_counter():  # a byte went out meanwhile
+            self._arm()
+        else:
+            self.sending = self.loop.create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            await self.beat.beat(self.comment())
+        except Exception as exc:  # the client is gone: its request ends as any whose client leaves
+            if not isinstance(exc, ConnectionError):
+                log.exception("request %s: the heartbeat failed", self.beat.request_id)
+            if self.waiter is not None:
+                self.waiter.cancel()
+            return
+        if not self.stopped:
+            self._arm()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None

@@ -50,13 +50,6 @@ ENDPOINTS = {
 _INLINE_BODY_MAX = 1 << 20  # answers up to this size are read whole and written in one go
 
 
-def _undo(connected: tuple[Upstream, EngineConnection]) -> None:
-    """A connection made just as the client left: closed (vLLM aborts), its engine's count given back."""
-    upstream, resp = connected
-    resp.close()
-    upstream.in_flight -= 1
-
-
 def _too_large(limit: int) -> GatewayError:
     return GatewayError("body_too_large", f"Request body is larger than the gateway's limit of {limit} bytes.")
 
@@ -280,7 +273,7 @@ class Proxy:
             position = admission.position(ahead, granted)
             return f"queued position={position} eta={math.ceil(admission.eta(position))}s"
 
-        return await beat.wait(acquire, queued, lambda route: self._give_back(cost, ex, route))
+        return await beat.wait(acquire, queued)
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -344,7 +337,7 @@ class Proxy:
         if beat is None:
             upstream, resp = await connect
         else:
-            upstream, resp = await beat.wait(connect, lambda: f"prefill elapsed={perf_counter() - sent:.0f}s", _undo)
+            upstream, resp = await beat.wait(connect, lambda: f"prefill elapsed={perf_counter() - sent:.0f}s")
         ex.first_byte_at = perf_counter()  # a stream moves it to its first event: vLLM sends headers at once
         try:
             headers = filter_headers(resp.headers, ex.request_id)
