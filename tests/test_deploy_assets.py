@@ -225,6 +225,13 @@ def test_compose_gateway_waits_for_vllm_and_drains() -> None:
     assert _seconds(gateway["stop_grace_period"]) > DRAIN_TIMEOUT_S
 
 
+def test_compose_gateway_keeps_one_engine_label() -> None:
+    """One vLLM container: no DNS discovery, so its label stays the service's URL when it is recreated."""
+    environment = _compose(COMPOSE)["services"]["gateway"]["environment"]
+    assert environment["GATEWAY_UPSTREAM"] == "http://vllm:8000"
+    assert environment["GATEWAY_DNS_INTERVAL"] == "${GATEWAY_DNS_INTERVAL:-0}"
+
+
 def test_compose_sim_swaps_vllm_for_the_simulator() -> None:
     vllm = _compose(COMPOSE_SIM)["services"]["vllm"]
     assert vllm["entrypoint"] == ["glm-gateway"]

@@ -52,6 +52,9 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "gateway_retries_total",
         "gateway_upstream_breaker_state",
         "gateway_upstream_kv_free_tokens",
+        # DNS discovery of the engines
+        "gateway_dns_resolutions_total",
+        "gateway_upstream_changes_total",
         # long requests
         "gateway_oldest_request_age_seconds",
         "gateway_upstream_read_timeout_seconds",
@@ -144,6 +147,8 @@ REQUIRED_ALERTS = frozenset(
         "EnginePreemptionsRising",
         "EngineQueueFull",
         "EngineRequestsErrored",
+        "DNSDiscoveryFailing",
+        "EngineMembershipFlapping",
     }
 )
 

@@ -50,6 +50,7 @@ GPU_EMPTY_WHEN_HEALTHY = frozenset({"gateway_gpu_throttle_active == 1"})
 class Stack:
     generation: str
     sim: str
+    upstream: str  # the engine's label: the sim found by DNS discovery (localhost, the system resolver)
     gateway: str
     prometheus: str
     gpu: bool
@@ -197,7 +198,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         flags = {
             "--host": "127.0.0.1",
             "--port": str(gw_port),
-            "--upstream": sim,
+            "--upstream": f"http://localhost:{sim_port}",
+            "--dns-interval": "1",
             "--max-tokens-in-flight": str(TOKEN_BUDGET),
             "--health-interval": "0.5",
             "--log-level": "error",
@@ -220,7 +222,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             stderr=subprocess.DEVNULL,
         )
         wait_http(prom + "/-/ready")
-        st = Stack(generation, sim, gateway, prom, gpu_available(), 0)
+        st = Stack(generation, sim, f"localhost@127.0.0.1:{sim_port}", gateway, prom, gpu_available(), 0)
         # one scrape before the traffic, so rate() sees the counters move
         wait_until(lambda: st.scalar('up{job="glm-gateway"}') == 1, "Prometheus to scrape the gateway")
         st.sent = _traffic(gateway, sim, generation)
@@ -255,10 +257,13 @@ def test_answers_the_operators_questions(stack: Stack) -> None:
             _finite_positive(stack, f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket[1m])))")
     for name in ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         result = stack.query(name)
-        assert [r["metric"]["upstream"] for r in result] == [stack.sim], name
+        assert [r["metric"]["upstream"] for r in result] == [stack.upstream], name
         assert result[0]["metric"]["model_name"] == MODEL
         assert 0 <= float(result[0]["value"][1]) <= 1 or name == "vllm:num_requests_waiting"
     assert _finite_positive(stack, "gateway_host_memory_available_bytes")
+    # the engine is DNS discovery's: its name resolved, and no resolution failed
+    assert _finite_positive(stack, 'sum(gateway_dns_resolutions_total{result="ok"})')
+    assert stack.scalar('sum(gateway_dns_resolutions_total{result!="ok"})') == 0
     # the repeated long prompt was partly served from the prefix cache, in either generation
     assert _finite_positive(stack, "upstream:vllm_prompt_tokens_cached:ratio_rate5m") < 1
     if stack.generation == "0.33":
@@ -300,7 +305,7 @@ def _empty_before_033(stack: Stack, expr: str, exposed: set[str]) -> bool:
 def test_every_dashboard_query_runs_and_has_data(stack: Stack) -> None:
     subs = {
         "model": MODEL,
-        "upstream": stack.sim,
+        "upstream": stack.upstream,
         "__rate_interval": "1m",
         "__interval": "15s",
         "__range": "1h",
