@@ -195,9 +195,13 @@ class Gateway:
         app.router.add_routes(routes)
         runner = make_runner(app)
         await runner.setup()
-        await web.TCPSite(runner, self.settings.metrics_host, self.settings.metrics_port).start()
+        await self._admin_site(runner).start()
         yield
         await runner.cleanup()
+
+    def _admin_site(self, runner: web.BaseRunner) -> web.BaseSite:
+        """Where --metrics-port listens (a worker of --workers: on the socket its parent opened for all)."""
+        return web.TCPSite(runner, self.settings.metrics_host, self.settings.metrics_port)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -41,9 +41,10 @@ class WorkerGateway(Gateway):
     """One worker's gateway: admission asked of the parent; the engines as the parent's checks, load reads and
     breakers see them; the keys read again when the parent says; /metrics and /status answer for all workers."""
 
-    def __init__(self, settings: Settings, parent: ParentLink, workers: int) -> None:
+    def __init__(self, settings: Settings, parent: ParentLink, workers: int, admin_fd: int) -> None:
         super().__init__(settings, parent)  # type: ignore[arg-type]
         self.parent = parent
+        self.admin_fd = admin_fd  # the --metrics-port socket, shared as the port is; -1 without one
         self.discovery = None  # the parent resolves the engines' names, once for the host
         parent.series = self.series
         for collector in (self.gpu, self.host):  # the parent collects them, once for the host
@@ -112,6 +113,9 @@ class WorkerGateway(Gateway):
         body = await self.parent.metrics()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
+    def _admin_site(self, runner: web.BaseRunner) -> web.BaseSite:
+        return web.SockSite(runner, socket.socket(fileno=self.admin_fd))
+
     def _routes(self) -> tuple[list[web.RouteDef], list[web.RouteDef]]:
         probes, admin = super()._routes()
         return probes, [self._all_workers(r) if r.path == "/status" else r for r in admin]
@@ -179,7 +183,8 @@ class Supervisor:
 
     async def run(self, announce: Callable[[str], None] | None = None) -> int:
         raise_open_files(self.settings.max_connections)
-        sock = _bind(self.settings.host, self.settings.port)
+        s = self.settings
+        sockets = [_bind(s.host, s.port), *([_bind(s.metrics_host, s.metrics_port)] if s.metrics_port else [])]
         loop = asyncio.get_running_loop()
         with tempfile.TemporaryDirectory(prefix="glm-gateway-") as tmp:
             path = os.path.join(tmp, "coordinator.sock")
@@ -189,7 +194,7 @@ class Supervisor:
                 loop.add_signal_handler(signum, self._stop, signum)
             loop.add_signal_handler(signal.SIGHUP, self.authority.reload)
             async with self.authority.host.running():  # the engines checked once for the host, here
-                kept = [asyncio.create_task(self._keep(w, sock, path)) for w in self.workers]
+                kept = [asyncio.create_task(self._keep(w, sockets, path)) for w in self.workers]
                 url = f"http://{self.settings.host}:{self.settings.port}"
                 log.info("glm-gateway listening on %s with %d workers", url, len(self.workers))
                 if announce is not None:
@@ -199,7 +204,8 @@ class Supervisor:
                 loop.remove_signal_handler(signum)
             watch.cancel()
             server.close()
-        sock.close()
+        for sock in sockets:
+            sock.close()
         log.info("every worker exited (%s)", ", ".join(map(str, codes)))
         return 0 if not any(codes) else 1
 
@@ -223,12 +229,15 @@ class Supervisor:
         if self.stopping and proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
 
-    async def _keep(self, worker: _Worker, sock: socket.socket, path: str) -> int:
+    async def _keep(self, worker: _Worker, sockets: list[socket.socket], path: str) -> int:
+        """Run the worker, again each time it dies; it inherits the port's socket (and --metrics-port's)."""
+        fds = [sock.fileno() for sock in sockets]
+        listen, admin = fds[0], fds[1] if len(fds) > 1 else -1
         while True:
             worker.started = time.monotonic()
             proc = worker.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.workers", str(sock.fileno()), str(worker.index),
-                str(len(self.workers)), path, stdin=asyncio.subprocess.PIPE, pass_fds=(sock.fileno(),),
+                sys.executable, "-m", "gateway.workers", str(listen), str(admin), str(worker.index),
+                str(len(self.workers)), path, stdin=asyncio.subprocess.PIPE, pass_fds=fds,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the parent only, which forwards it once
             )  # fmt: skip
             assert proc.stdin is not None
@@ -255,13 +264,13 @@ async def supervise(settings: Settings) -> int:
 # -- a worker ---------------------------------------------------------------------------------------------
 
 
-async def _serve_worker(settings: Settings, fd: int, index: int, workers: int, path: str) -> int:
+async def _serve_worker(settings: Settings, fd: int, admin_fd: int, index: int, workers: int, path: str) -> int:
     parent = ParentLink(settings, index)
     await parent.connect(path)
     # the parent's engine state before taking connections: a worker that knew no engine yet would label its
     # first requests' model "other" and route them blind while its siblings already know better
     await parent.known.wait()
-    gateway = WorkerGateway(settings, parent, workers)
+    gateway = WorkerGateway(settings, parent, workers, admin_fd)
     runner = make_runner(gateway.app(), settings, gateway.metrics)
     await runner.setup()
     await web.SockSite(runner, socket.socket(fileno=fd)).start()
@@ -280,14 +289,15 @@ def _stopped_early(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m gateway.workers FD INDEX WORKERS COORDINATOR``, the settings as JSON on stdin."""
-    fd, index, workers, path = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
+    """``python -m gateway.workers FD ADMIN_FD INDEX WORKERS COORDINATOR``, the settings as JSON on stdin (ADMIN_FD:
+    the --metrics-port socket, -1 without one)."""
+    fd, admin_fd, index, workers, path = int(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
     settings = Settings(**json.load(sys.stdin))
     logs.configure(settings.log_format, settings.log_level)
     signal.signal(signal.SIGTERM, _stopped_early)  # until the drain's own handler is in place
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent takes SIGHUP and tells the workers
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # the parent killed: drain and go too
-    return uvloop.run(_serve_worker(settings, fd, index, workers, path))
+    return uvloop.run(_serve_worker(settings, fd, admin_fd, index, workers, path))
 
 
 if __name__ == "__main__":

@@ -94,13 +94,15 @@ async def worker_of(session: aiohttp.ClientSession, url: str, headers: dict[str,
 async def per_worker(
     sessions: AsyncExitStack, url: str, headers: dict[str, str] | None = None
 ) -> dict[int, aiohttp.ClientSession]:
-    """A client kept on one connection to each worker: new connections until each worker has taken one."""
+    """A client kept on one connection to each worker: new connections until each worker has taken one (a worker
+    still starting takes none yet)."""
     found: dict[int, aiohttp.ClientSession] = {}
-    for _ in range(200):
+    for _ in range(3000):
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
         worker = await worker_of(session, url, headers)
         if worker in found:
             await session.close()
+            await asyncio.sleep(0.01)
             continue
         found[worker] = session
         sessions.push_async_callback(session.close)
@@ -483,3 +485,20 @@ async def test_an_engines_kv_room_counts_the_tokens_of_every_worker() -> None:
                 return all(v["gateway_tokens_in_flight"] == v["other_workers_tokens_in_flight"] == 0 for v in views)
 
             await until(nothing_held, "no tokens left in flight")
+
+
+async def test_every_worker_serves_the_metrics_port() -> None:
+    admin_port = free_port()
+    with stack("--metrics-port", str(admin_port)) as (_, url, gw):
+        admin = f"http://127.0.0.1:{admin_port}"
+        async with AsyncExitStack() as sessions:
+            each = await per_worker(sessions, admin)  # /status there, answered by each worker in turn
+            assert sorted(each) == [0, 1]
+        results = await asyncio.gather(*(chat(url) for _ in range(10)))
+        assert all(status == 200 for status, _ in results)
+        await counted(admin, 10)
+        async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+            assert r.status == 404  # on the metrics port only
+        assert [w["restarts"] for w in (await get_json(admin + "/status"))["workers"]] == [0, 0]
+        gw.signal(signal.SIGTERM)
+        assert gw.wait() == 0
