@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from bench import client, wrk
-from bench.procs import Proc, start_engine, start_gateway, start_sim
+from bench.procs import MODEL, Proc, start_engine, start_gateway, start_sim
 from bench.workloads import CHAT, FAST_SIM, Ctx, Result, Row, alternate, chat_body, measure, med
 
 # -- 8: one engine of three killed (SIGKILL) under load --------------------------------------------------
@@ -133,6 +133,13 @@ async def _failover_round(ctx: Ctx) -> dict[str, Any]:
     before_byte = [x for x in outcomes if not x.ok and (x.first is None or x.first > killed)]
     cut = [x for x in outcomes if not x.ok and x.first is not None and x.first <= killed]
 
+    def forwarded(x: Outcome) -> float:
+        """When the gateway forwarded it: its arrival (the client's start, on loopback) + its queue wait."""
+        return x.start + float(log.get(x.request_id, {}).get("queue_wait") or 0.0)
+
+    queued = [x for x in at_kill if forwarded(x) > killed]  # waiting in the gateway's queue at the kill
+    unsent = [x for x in outcomes if forwarded(x) > killed]  # queued then, or arriving after
+
     def described(xs: list[Outcome]) -> list[dict[str, Any]]:
         return [{**asdict(x), "upstream": log.get(x.request_id, {}).get("upstream"),
                  "error_type": log.get(x.request_id, {}).get("error_type")} for x in xs[:20]]  # fmt: skip
@@ -148,6 +155,9 @@ async def _failover_round(ctx: Ctx) -> dict[str, Any]:
             1 for x in before_byte if log.get(x.request_id, {}).get("upstream") == victim.url
         ),
         "cut_mid_stream": len(cut),
+        "queued_at_kill": len(queued),
+        "not_forwarded_at_kill": len(unsent),
+        "failed_not_forwarded_at_kill": sum(not x.ok for x in unsent),
         "retries": retries,
         "victim": victim.url,
         "killed_after_s": round(KILL_AT * duration, 2),
@@ -165,9 +175,15 @@ async def failover(ctx: Ctx) -> Result:
     waiting = sum(r["no_byte_at_kill"] for r in rs)
     cut = sum(r["cut_mid_stream"] for r in rs)
     total = sum(r["requests"] for r in rs)
+    unsent = sum(r["not_forwarded_at_kill"] for r in rs)
+    unsent_failed = sum(r["failed_not_forwarded_at_kill"] for r in rs)
+    queued = sum(r["queued_at_kill"] for r in rs)
     rows = [
         Row(8, f"engine killed: failed before their first byte (of {waiting:,} without one at the kill)", "requests",
             None, None, failed, failed, f"0 (at the killed engine: {at_victim})", failed == 0),
+        Row(8, f"engine killed: failed of those not yet forwarded (of {unsent:,}: queued or arriving later)",
+            "requests", None, None, unsent_failed, unsent_failed, f"0 ({queued:,} in the gateway's queue at the kills)",
+            unsent_failed == 0),
         Row(8, "engine killed: cut mid-stream (answering from the killed engine)", "requests", None, None, cut, cut,
             f"counted apart; {sum(r['in_flight_at_kill'] for r in rs):,} in flight at the kills", None),
         Row(8, f"completed of all requests, {len(rs)} kill(s)", "requests", None, None, total,
@@ -213,6 +229,29 @@ def _routed(ctx: Ctx) -> Iterator[dict[str, Proc]]:
         yield procs
 
 
+async def routing_step_us(engines: int, requests: int, rounds: int) -> float:
+    """The routing step alone, in this process: microseconds per request for ``Router.check``, ``admit`` and
+    ``release`` over ``engines`` idle engines that report their KV cache (the best of ``rounds``)."""
+    from gateway.app import Gateway  # the gateway's own objects, not a copy of its logic
+    from gateway.routing.load import EngineLoad
+    from gateway.settings import Settings
+
+    gw = Gateway(Settings(upstream=[f"http://127.0.0.1:{9000 + i}" for i in range(engines)]))
+    for upstream in gw.pool.upstreams:
+        gw.pool.record_check(upstream, None, {MODEL: 1048576})
+    router = gw.router
+    for state in router.states.values():  # a fresh view for the whole measurement
+        state.load, state.loaded_at = EngineLoad(0, 0, 600_000, 0), time.monotonic() + 3600
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(requests):
+            router.check(40, MODEL)
+            router.release(await router.admit(40, MODEL, None, 60.0))
+        best = min(best, (time.perf_counter() - t0) / requests * 1e6)
+    return best
+
+
 async def routing_cost(ctx: Ctx) -> Result:
     o = ctx.options
     script = wrk.write_script(ctx.workdir / "routed.lua", chat_body(16))
@@ -227,8 +266,14 @@ async def routing_cost(ctx: Ctx) -> Result:
             run, cpu, other = await measure(ctx, procs[name], work)
             run["proxy_cpu"], run["other_cpu"] = cpu, other
             runs[name].append(run)
+    size = (2000, 2) if o.quick else (20000, 5)
+    step = {n: await routing_step_us(n, *size) for n in (1, 3)}
+    runs["routing_step"] = [{"engines": n, "us_per_request": us} for n, us in step.items()]
     rps = {n: med([r["rps"] for r in runs[n]]) for n in configs}
     per_cpu = {n: med([r["rps"] / r["proxy_cpu"] for r in runs[n] if r["proxy_cpu"]]) for n in ROUTED}
+    one_us = 1e6 / per_cpu["one"]  # the gateway's CPU per request with one engine
+    added = step[3] - step[1]
+    expected = one_us / (one_us + added)
     cpu = {n: 100 * med([r["proxy_cpu"] for r in runs[n]]) for n in ROUTED}
     ratio = rps["gateway"] / rps["one"]
     rows = [
@@ -237,6 +282,10 @@ async def routing_cost(ctx: Ctx) -> Result:
         Row(9, "requests per gateway CPU-second (value: least-load / one engine)", "req/s", None, None,
             per_cpu["gateway"], per_cpu["gateway"] / per_cpu["one"],
             f"one engine: {per_cpu['one']:,.0f}; CPU {cpu['gateway']:.0f}% / {cpu['one']:.0f}%", None),
+        Row(9, "routing step in-process, check + admit + release, 3 engines (value: µs added over one)", "µs",
+            None, None, step[3], added, f"one engine: {step[1]:.1f} µs", None),
+        Row(9, "least-load / one engine from CPU per request + that step (value: one / (one + added))", "",
+            None, None, None, expected, f"≥ 0.95 × ({one_us:.0f} µs a request with one engine)", expected >= 0.95),
         Row(9, "requests/s, c=64, --routing session, no session key (value: session / one engine)", "req/s", None,
             None, rps["session"], rps["session"] / rps["one"], "", None),
         Row(9, "requests/s, c=64, --routing prefix (value: prefix / one engine)", "req/s", None, None,

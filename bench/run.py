@@ -68,7 +68,7 @@ def _fmt(value: float | None, unit: str) -> str:
         return "—"
     if unit in ("ms", "× body"):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    if unit == "KiB":
+    if unit == "KiB" or (unit == "µs" and abs(value) < 100):
         return f"{value:.1f}"
     return f"{value:,.0f}"
 

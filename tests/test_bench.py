@@ -46,8 +46,9 @@ def _several_engines_and_workers(workloads: dict[str, dict[str, object]]) -> Non
     assert kill["requests"] > 0 and kill["in_flight_at_kill"] > 0
     failed = kill["failed_before_first_byte"] + kill["cut_mid_stream"]
     assert kill["completed"] + failed == kill["requests"]
-    assert [row["metric"].split(":")[0] for row in workloads["8"]["rows"]][:2] == ["engine killed"] * 2  # type: ignore[index]
-    assert set(workloads["9"]["runs"]) == {"direct", "one", "gateway", "session", "prefix"}  # type: ignore[arg-type]
+    assert kill["failed_not_forwarded_at_kill"] <= kill["not_forwarded_at_kill"] <= kill["requests"]
+    assert [row["metric"].split(":")[0] for row in workloads["8"]["rows"]][:3] == ["engine killed"] * 3  # type: ignore[index]
+    assert set(workloads["9"]["runs"]) == {"direct", "one", "gateway", "session", "prefix", "routing_step"}  # type: ignore[arg-type]
     runs = workloads["10"]["runs"]
     assert all(run[0]["requests"] > 0 for run in runs.values())  # type: ignore[attr-defined]
     assert {key.split(":")[1] for key in runs} == {"direct", "sim", "w1", "w2"}  # type: ignore[attr-defined]
