@@ -117,6 +117,11 @@ async def status_of(session: aiohttp.ClientSession, url: str, headers: dict[str,
         return await r.json()
 
 
+async def faults(sim: str, **values: Any) -> None:
+    async with aiohttp.ClientSession() as s, s.post(sim + "/admin/faults", json=values) as r:
+        assert r.status == 200
+
+
 async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
     """Poll an event (the bound only stops a hung test)."""
     for _ in range(3000):
@@ -292,8 +297,7 @@ async def test_the_engines_are_checked_once_for_the_host_and_readiness_is_the_sa
             last_before, last, last_after = await rounds(), await checks(), await rounds()
             assert last_before - first_after - 1 <= last - first <= last_after - first_before + 1
 
-            async with aiohttp.ClientSession() as s, s.post(sim + "/admin/faults", json={"refuse_seconds": 600}) as r:
-                assert r.status == 200
+            await faults(sim, refuse_seconds=600)
 
             async def not_ready() -> bool:
                 return not any([(await status_of(s, url))["ready"] for s in workers.values()])
@@ -309,36 +313,44 @@ async def test_the_engines_are_checked_once_for_the_host_and_readiness_is_the_sa
                 assert await worker_of(session, url) == index  # each answer came from that worker
 
 
-async def test_a_breaker_opened_through_one_worker_is_open_in_every_worker() -> None:
+async def test_a_breaker_opened_through_one_worker_is_open_in_every_worker_and_closed_by_another() -> None:
     with stack("--breaker-failures", "3", "--breaker-cooldown", "600") as (sim, url, gw):
         async with AsyncExitStack() as sessions:
             workers = await per_worker(sessions, url)
-            async with aiohttp.ClientSession() as s, s.post(sim + "/admin/faults", json={"error_rate": 1.0}) as r:
-                assert r.status == 200
+
+            def breaker_in_both(state: str) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    answers = [await status_of(s, url) for s in workers.values()]
+                    return all(a["upstreams"][0]["routing"]["breaker"] == state for a in answers)
+
+                return check
+
+            await faults(sim, error_rate=1.0)
             body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
             for _ in range(3):  # through worker 0 alone
                 async with workers[0].post(url + CHAT, json=body) as r:
                     assert r.status == 500  # the engine's answer, passed through
             assert await worker_of(workers[0], url) == 0
+            await until(breaker_in_both("open"), "the breaker to be open in both workers")
+            assert value(await scrape(url), "gateway_upstream_breaker_state", upstream=sim) == 2
 
-            async def open_in_both() -> bool:
-                answers = [await status_of(s, url) for s in workers.values()]
-                return all(a["upstreams"][0]["routing"]["breaker"] == "open" for a in answers)
-
-            await until(open_in_both, "the breaker to be open in both workers")
+            await faults(sim, error_rate=0.0)
+            async with workers[1].post(url + CHAT, json=body) as r:  # the only engine: tried though open
+                assert r.status == 200
             assert await worker_of(workers[1], url) == 1
+            await until(breaker_in_both("closed"), "worker 1's good answer to close it in both workers")
 
-            async def counted_500() -> bool:
-                return answered(await scrape(url), "500") == 3
+            async def counted() -> bool:
+                text = await scrape(url)
+                return answered(text, "500") == 3 and answered(text) == 1
 
-            await until(counted_500, "the 500s counted")
-            text = await scrape(url)
-            assert value(text, "gateway_upstream_breaker_state", upstream=sim) == 2
-            await sessions.aclose()
-            gw.signal(signal.SIGTERM)
-            assert gw.wait() == 0
-            output = gw.output()
-            assert output.count("breaker open after 3 failures in a row") == 1, output  # one breaker for the host
+            await until(counted, "the answers counted")
+            assert value(await scrape(url), "gateway_upstream_breaker_state", upstream=sim) == 0
+        gw.signal(signal.SIGTERM)
+        assert gw.wait() == 0
+        output = gw.output()
+        assert output.count("breaker open after 3 failures in a row") == 1, output  # one breaker for the host
+        assert output.count("breaker closed after a good answer") == 1, output
 
 
 def write_keys(path: Path, **keys: str) -> None:
@@ -436,11 +448,6 @@ async def test_dns_discovery_runs_in_the_parent_and_its_engines_reach_every_work
             assert value(text, "gateway_dns_resolutions_total", result="ok") >= 3
         state = await get_json(f"http://{HOSTS[1]}:{port}/admin/state")
         assert len(state["requests"]) == 2  # both at the engine that is left
-
-
-async def faults(sim: str, **values: Any) -> None:
-    async with aiohttp.ClientSession() as s, s.post(sim + "/admin/faults", json=values) as r:
-        assert r.status == 200
 
 
 async def test_an_engines_kv_room_counts_the_tokens_of_every_worker() -> None:
