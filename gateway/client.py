@@ -352,9 +352,10 @@ class EngineConnection(asyncio.Protocol):
         return data
 
     def _resume(self) -> None:
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
+        if self._paused:
+            self._paused = False  # also when the connection is gone: pump() would wait on drained() forever
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     async def read(self) -> bytes:
         """The whole body."""

@@ -1,26 +1,99 @@
-"""The SSE relay once tokens flow: a client that reads slower than the engine writes, and an HTTP/1.0 client
-(no chunked encoding), each gets the whole stream, in order, with nothing held in the gateway for good."""
+"""The SSE relay once tokens flow (the engine connection's callback writes each event to the client): slow,
+vanishing and half-closed clients, an engine that dies or stalls mid-stream, the drain's cut, comments, several
+choices, the usage chunk, and the event framing itself under every way the engine's bytes can be split into reads.
+Each client gets the whole stream in order, or the engine's request is aborted; nothing stays held in the gateway."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import socket
+import struct
+from typing import Any
 
-from tests.harness import CHAT, HELLO, MODEL, Gw, gateway_in, settled, sim_in, value, wait_for
+import aiohttp
+import pytest
+
+from tests.harness import (
+    CHAT,
+    HELLO,
+    MODEL,
+    Gw,
+    Process,
+    Sim,
+    client_in,
+    error_body,
+    free_port,
+    gateway_in,
+    settled,
+    sim_in,
+    value,
+    wait_for,
+    wait_http,
+)
+
+pytestmark = pytest.mark.timeout(60)
 
 TOKENS = 20_000  # about 4 MB of events: far more than the sockets' buffers between the gateway and the client
+ENDLESS = 500_000  # a stream the engine cannot finish before the test is done with it
+EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "500"))
 
 
-def request(version: str, max_tokens: int) -> bytes:
-    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "stream": True}).encode()
+def request(version: str, max_tokens: int, **extra: Any) -> bytes:
+    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": max_tokens, "stream": True, **extra}).encode()
     head = f"POST {CHAT} HTTP/{version}\r\nHost: gw\r\nContent-Type: application/json\r\n"
     return head.encode() + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
 
 
+class Client:
+    """A raw HTTP/1.1 client that sent a streamed chat request and read the answer's head (a 200, chunked);
+    ``raw`` is the chunked body read so far."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.raw = bytearray()
+
+    async def read(self, size: int) -> None:
+        """Read on until ``size`` bytes of the body have come."""
+        while len(self.raw) < size:
+            data = await self.reader.read(1 << 14)
+            assert data, "the stream ended early"
+            self.raw += data
+
+    async def read_to_end(self) -> bytes:
+        """The rest of the answer; the events of the whole body."""
+        self.raw += await self.reader.read()
+        self.writer.close()
+        return dechunk(bytes(self.raw))
+
+
+async def stream_from(gw: Gw, max_tokens: int, **extra: Any) -> Client:
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 14)
+    writer.write(request("1.1", max_tokens, **extra))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head, head
+    return Client(reader, writer)
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Leave with an RST (SO_LINGER 0), as a client process killed or a load balancer's idle cut does."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def engine_connections(gw: Gw) -> list[Any]:
+    return [conn for origin in gw.gateway.proxy.client._origins.values() for conn in origin.open]
+
+
 def engine_reading_paused(gw: Gw) -> bool:
     """An engine connection of the gateway's with reading paused: the client's backpressure reached the engine."""
-    return any(conn._paused for origin in gw.gateway.proxy.client._origins.values() for conn in origin.open)
+    return any(conn._paused for conn in engine_connections(gw))
 
 
 def dechunk(raw: bytes) -> bytes:
@@ -29,18 +102,24 @@ def dechunk(raw: bytes) -> bytes:
         end = raw.index(b"\r\n", at)
         size = int(raw[at:end], 16)
         if size == 0:
+            assert raw[end + 2 :] == b"\r\n", "the last chunk ends the answer"
             return bytes(out)
         out += raw[end + 2 : end + 2 + size]
         assert raw[end + 2 + size : end + 4 + size] == b"\r\n"
         at = end + 4 + size
 
 
+def blocks(events: bytes) -> list[bytes]:
+    """The SSE blocks of a whole answer, which ends with [DONE]."""
+    out = events.split(b"\n\n")
+    assert out[-2:] == [b"data: [DONE]", b""], out[-3:]
+    return out[:-2]
+
+
 def contents(events: bytes) -> list[str]:
-    """The content of each token event, in order; [DONE] last."""
-    blocks = events.split(b"\n\n")
-    assert blocks[-2:] == [b"data: [DONE]", b""], blocks[-3:]
+    """The content of each token event, in order ([DONE] last; no usage chunk, no error event)."""
     out = []
-    for block in blocks[:-2]:
+    for block in blocks(events):
         chunk = json.loads(block.removeprefix(b"data: "))
         assert "usage" not in chunk or chunk["choices"], "the usage chunk the gateway asked for is taken out"
         delta = chunk["choices"][0]["delta"]
@@ -49,22 +128,45 @@ def contents(events: bytes) -> list[str]:
     return out
 
 
+def broken_off(events: bytes, code: str) -> list[str]:
+    """A stream the gateway ended with an error event (``code``) and [DONE]: the tokens before it, in order."""
+    *tokens, error = blocks(events)
+    error_body(json.loads(error.removeprefix(b"data: ")), code=code, type="server_error")
+    return contents(b"\n\n".join([*tokens, b"data: [DONE]", b""]))
+
+
+def sim_words(count: int) -> list[str]:
+    """The sim's first ``count`` tokens."""
+    words = "the gateway relays every token of the answer as the engine makes it ".split()
+    return [words[i % len(words)] + " " for i in range(count)]
+
+
+async def disconnected(gw: Gw, sim: Sim) -> None:
+    """The client left mid-stream: the engine aborted its request, counted once as a decode-phase disconnect."""
+    await wait_for(lambda: sim.outcomes() == ["abort"], "the engine to abort the stream")
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_client_disconnects_total", phase="decode") == 1
+    assert value(text, "gateway_client_disconnects_total") == 1
+    assert value(text, "gateway_requests_total", model=MODEL, status="499") == 1
+    assert value(text, "gateway_request_errors_total", error_type="client_disconnected") == 1
+    assert value(text, "gateway_request_errors_total") == 1
+    assert value(text, "gateway_time_to_first_token_seconds_count", model=MODEL) == 1
+    assert not engine_connections(gw), "the engine connection is closed, not kept"
+
+
+# -- slow readers and HTTP/1.0 -----------------------------------------------------------------------------
+
+
 async def test_a_slow_reader_pauses_the_engine_and_gets_every_event(stack: contextlib.AsyncExitStack) -> None:
     sim = await sim_in(stack, itl=0.0)
     gw = await gateway_in(stack, [sim.url])
-    host, port = gw.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 14)
-    writer.write(request("1.1", TOKENS))
+    client = await stream_from(gw, TOKENS)
     # nothing read: the client's buffers fill, the gateway's transport pauses writing, and the gateway stops
     # reading from the engine instead of buffering the stream in memory
     await wait_for(lambda: engine_reading_paused(gw), "the gateway to pause reading from the engine")
-    raw = await reader.read()  # now read it all: reading from the engine resumes
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
-    tokens = contents(dechunk(body))
-    assert len(tokens) == TOKENS
-    assert tokens[:3] == ["the ", "gateway ", "relays "]
+    tokens = contents(await client.read_to_end())  # now read it all: reading from the engine resumes
+    assert tokens == sim_words(TOKENS)
     await settled(gw, sim)
     text = await gw.metrics()
     assert value(text, "gateway_completion_tokens_sum", model=MODEL) == TOKENS
@@ -86,3 +188,162 @@ async def test_an_http_1_0_client_gets_the_stream_unchunked(stack: contextlib.As
     assert len(contents(body)) == 50
     await settled(gw, sim)
     assert value(await gw.metrics(), "gateway_completion_tokens_sum", model=MODEL) == 50
+
+
+async def test_a_reader_slower_than_the_read_timeout_is_not_a_silent_engine(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """The read timeout measures the engine's silence: an engine the gateway itself stopped reading from, for
+    a client that reads slowly, is not silent."""
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url], upstream_read_timeout=0.2)
+    client = await stream_from(gw, TOKENS)
+    await wait_for(lambda: engine_reading_paused(gw), "the gateway to pause reading from the engine")
+    await asyncio.sleep(1.0)  # the engine's events wait in the sockets for five read timeouts
+    assert contents(await client.read_to_end()) == sim_words(TOKENS)
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total") == 0
+    assert value(text, "gateway_completion_tokens_sum", model=MODEL) == TOKENS
+    assert sim.outcomes() == ["length"]
+
+
+# -- clients that leave ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["reset while reading", "reset while not reading", "closed while not reading"])
+async def test_a_client_that_leaves_mid_stream_aborts_the_engine(stack: contextlib.AsyncExitStack, how: str) -> None:
+    sim = await sim_in(stack, itl=0.0)  # as fast as the engine can write
+    gw = await gateway_in(stack, [sim.url])
+    client = await stream_from(gw, ENDLESS)
+    if how == "reset while reading":
+        await client.read(1 << 18)  # a quarter of a MB of events relayed, the engine writing on
+    else:
+        await wait_for(lambda: engine_reading_paused(gw), "the gateway to pause reading from the engine")
+    if how.startswith("reset"):
+        reset(client.writer)
+    else:
+        client.writer.close()  # a FIN; the kernel resets it anyway, with the unread events in its buffer
+    await disconnected(gw, sim)
+
+
+async def test_an_openai_client_that_stops_iterating_aborts_the_engine(stack: contextlib.AsyncExitStack) -> None:
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url])
+    client = await client_in(stack, gw)
+    stream = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=ENDLESS, stream=True)
+    got = []
+    async for chunk in stream:
+        got.append(chunk.choices[0].delta.content)
+        if len(got) == 2000:
+            break
+    await stream.close()
+    assert got[1:] == sim_words(1999)  # the role chunk first
+    await disconnected(gw, sim)
+
+
+async def test_a_client_that_half_closes_after_its_request(stack: contextlib.AsyncExitStack) -> None:
+    """A client that shuts its sending side once the request is out (a FIN, reading on) is treated as gone, as
+    nginx treats it: a FIN on a connection with no pipelined request ends the stream and the engine's work."""
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url])
+    client = await stream_from(gw, ENDLESS)
+    await client.read(1 << 14)  # tokens flow
+    client.writer.write_eof()
+    with contextlib.suppress(ConnectionError):
+        while await client.reader.read(1 << 16):
+            pass  # what the gateway wrote before it saw the FIN, then the end
+    client.writer.close()
+    await disconnected(gw, sim)
+
+
+# -- the engine fails mid-stream, the drain cuts it --------------------------------------------------------
+
+
+def error_at_the_end(events: bytes, code: str) -> None:
+    """A stream the gateway ended with an error event (``code``) and [DONE], after whole events."""
+    before, _, tail = events.rpartition(b"\n\ndata: {")
+    error, done, end = (b"data: {" + tail).split(b"\n\n")
+    assert (done, end) == (b"data: [DONE]", b"")
+    error_body(json.loads(error.removeprefix(b"data: ")), code=code, type="server_error")
+    json.loads(before[before.rindex(b"data: ") + 6 :])  # the last event before the error is whole
+
+
+async def test_the_engine_dying_mid_stream_ends_it_with_an_error_event_and_done(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url])
+    await sim.faults(drop_after_tokens=5000)  # thousands of tokens written as fast as they come, then a reset
+    client = await stream_from(gw, 10_000)
+    events = await client.read_to_end()
+    error_at_the_end(events, "upstream_error")
+    *tokens, _ = blocks(events)
+    got = contents(b"\n\n".join([*tokens, b"data: [DONE]", b""]))
+    assert got == sim_words(len(got))  # what reached the gateway before the reset, in order
+    assert sim.outcomes() == ["dropped"]
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total", model=MODEL, error_type="upstream_error") == 1
+    assert value(text, "gateway_request_errors_total") == 1
+    assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == len(got) - 1
+
+
+async def test_an_engine_that_stalls_mid_stream_meets_the_read_timeout(stack: contextlib.AsyncExitStack) -> None:
+    """An engine process stopped (SIGSTOP: a hung GPU, a frozen host) after thousands of tokens: the read timeout
+    ends the client's stream with an upstream_timeout error event and [DONE], and closes the engine connection,
+    so the engine aborts the request once it runs again."""
+    port = free_port()
+    sim = Process("sim", "--port", str(port), "--itl", "0.0005", "--ttft", "0")
+    stack.callback(sim.stop)
+    url = f"http://127.0.0.1:{port}"
+    await asyncio.to_thread(wait_http, url + "/health")
+    gw = await gateway_in(stack, [url], upstream_read_timeout=0.5, health_timeout=60.0)
+    client = await stream_from(gw, ENDLESS)
+    await client.read(1 << 18)  # thousands of tokens relayed
+    sim.signal(signal.SIGSTOP)
+    try:
+        events = await client.read_to_end()
+    finally:
+        sim.signal(signal.SIGCONT)
+    error_at_the_end(events, "upstream_timeout")
+    await settled(gw)
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total", model=MODEL, error_type="upstream_timeout") == 1
+    assert value(text, "gateway_request_errors_total") == 1
+    assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
+
+    async def engine_state() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.get(url + "/admin/state") as r:
+            return await r.json()
+
+    for _ in range(400):  # the engine runs again and finds its client gone (a hung test ends after 20 s)
+        state = await engine_state()
+        if not state["running"] and state["requests"][-1]["outcome"] == "abort":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"the engine did not abort the stalled stream: {state['requests'][-1]['outcome']}")
+
+
+@pytest.mark.parametrize("reading", [True, False])
+async def test_the_drain_deadline_cuts_a_flowing_stream(stack: contextlib.AsyncExitStack, reading: bool) -> None:
+    """At the drain's deadline the gateway cuts each stream at the engine (what SIGTERM's deadline calls;
+    tests/test_abuse.py runs it as a process): a stream whose client reads, and one whose client reads nothing
+    (the gateway paused on it), each end with a ``draining`` error event and [DONE] once the client reads."""
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url])
+    client = await stream_from(gw, ENDLESS)
+    if reading:
+        await client.read(1 << 16)
+    else:
+        await wait_for(lambda: engine_reading_paused(gw), "the gateway to pause reading from the engine")
+    gw.gateway.proxy.client.abort("the gateway is shutting down")
+    error_at_the_end(await client.read_to_end(), "draining")
+    await wait_for(lambda: sim.outcomes() == ["abort"], "the engine to abort the stream")
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total", model=MODEL, error_type="draining") == 1
+    assert value(text, "gateway_request_errors_total") == 1
+    assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
