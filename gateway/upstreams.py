@@ -84,7 +84,7 @@ class UpstreamPool:
         for upstream in removed:
             log.info("upstream %s left: no new requests; %d in flight finish there", upstream.name, upstream.in_flight)
         self.upstreams = kept
-        self._index()
+        self.reindex()
         return added, removed
 
     def candidates(self, model: str = "") -> list[Upstream]:
@@ -139,7 +139,7 @@ class UpstreamPool:
         upstream.last_check = time.monotonic()
         if models and models != upstream.models:
             upstream.models = models
-            self._index()
+            self.reindex()
         if error is None:
             upstream.fails = 0
             upstream.successes += 1
@@ -158,7 +158,8 @@ class UpstreamPool:
             upstream.up = False
         upstream.last_error = error
 
-    def _index(self) -> None:
+    def reindex(self) -> None:
+        """Which engine serves which model, again: after an engine's models changed (a check, or the parent's)."""
         self._served = {name: n for u in self.upstreams for name, n in u.models.items()}
         self._serving = {name: [u for u in self.upstreams if name in u.models] for name in self._served}
         self._unknown = [u for u in self.upstreams if not u.models]

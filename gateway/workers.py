@@ -92,7 +92,7 @@ class WorkerGateway(Gateway):
             if upstream is not None:
                 served |= apply_view(upstream, self.router.states[upstream], view)
         if served:
-            self.pool._index()
+            self.pool.reindex()
             self.metrics.declare(self.pool.models())
         self.health.gpu_faults = state["gpu_faults"]
         self._others(state["held"])
