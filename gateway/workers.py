@@ -26,8 +26,9 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from gateway import logs
 from gateway.access.limits import LocalStore, RedisStore
 from gateway.app import Gateway, drain_on_signal
-from gateway.coordinator import Authority, Family, ParentLink, SharedBreaker, apply_view, families
+from gateway.coordinator import Authority, ParentLink, SharedBreaker, apply_view
 from gateway.listener import ListenError, make_runner, raise_open_files
+from gateway.metrics.merge import Family, families
 from gateway.routing.load import EngineState
 from gateway.settings import Settings, UpstreamSpec
 
