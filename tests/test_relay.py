@@ -9,16 +9,27 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
+from time import perf_counter
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from gateway.exchange import Exchange
+from gateway.metrics.histogram import HistogramChild
+from gateway.relay import _Events
+from gateway.settings import SimSettings
+from gateway.sim.engine import SimEngine, bound_port, serve
 from tests.harness import (
     CHAT,
+    FAST_SIM,
     HELLO,
     MODEL,
     Gw,
@@ -30,6 +41,7 @@ from tests.harness import (
     gateway_in,
     settled,
     sim_in,
+    start_sim,
     value,
     wait_for,
     wait_http,
@@ -39,6 +51,7 @@ pytestmark = pytest.mark.timeout(60)
 
 TOKENS = 20_000  # about 4 MB of events: far more than the sockets' buffers between the gateway and the client
 ENDLESS = 500_000  # a stream the engine cannot finish before the test is done with it
+DONE = b"data: [DONE]\n\n"
 EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "500"))
 
 
@@ -347,3 +360,251 @@ async def test_the_drain_deadline_cuts_a_flowing_stream(stack: contextlib.AsyncE
     assert value(text, "gateway_request_errors_total", model=MODEL, error_type="draining") == 1
     assert value(text, "gateway_request_errors_total") == 1
     assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
+
+
+# -- what the engine's stream carries: comments, several choices, the usage chunk ----------------------------
+
+
+async def test_the_engines_keep_alive_comments_mid_stream_are_relayed_and_not_tokens(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    sim = await sim_in(stack, vllm_compat="0.33", sse_keep_alive_interval=0.02, itl=0.2)
+    gw = await gateway_in(stack, [sim.url])
+    client = await stream_from(gw, 4)
+    events = await client.read_to_end()
+    after_first = events.split(b'"content":"the "', 1)[1]
+    assert b"\n\n: keep-alive\n\n" in after_first  # between tokens, once they flow
+    assert contents(b"\n\n".join(e for e in events.split(b"\n\n") if not e.startswith(b":"))) == sim_words(4)
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_completion_tokens_sum", model=MODEL) == 4
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == 3
+    assert value(text, "gateway_time_to_first_token_seconds_count", model=MODEL) == 1
+    assert sim.outcomes() == ["length"]
+
+
+def choices_stream(lengths: list[int], usage: bool, fingerprint: str | None) -> list[bytes]:
+    """A chat stream of several choices as vLLM sends it: each choice's role chunk, then one chunk per token of
+    each choice in turn (one choice per chunk), choice ``i`` making ``lengths[i]`` tokens, its last chunk with
+    its finish_reason (``length`` for the longest); the usage chunk when asked (``[]``), then [DONE].  vLLM
+    0.33's system_fingerprint is on the usage chunk, or without it on the terminal chunks."""
+    stamp = {} if fingerprint is None else {"system_fingerprint": fingerprint}
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk = {"id": "chatcmpl-n", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+        return b"data: " + json.dumps({**chunk, "choices": choices, **extra}, separators=(",", ":")).encode() + b"\n\n"
+
+    def choice(index: int, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    out = [event([choice(i, {"role": "assistant", "content": ""}, None)]) for i in range(len(lengths))]
+    words = sim_words(max(lengths))
+    for t, word in enumerate(words):
+        for i, made in enumerate(lengths):
+            if t < made:
+                last = t == made - 1
+                finish = ("length" if made == len(words) else "stop") if last else None
+                out.append(event([choice(i, {"content": word}, finish)], **(stamp if last and not usage else {})))
+    if usage:
+        counts = {"prompt_tokens": 9, "completion_tokens": sum(lengths), "total_tokens": 9 + sum(lengths)}
+        out.append(event([], usage=counts, **stamp))
+    return [*out, DONE]
+
+
+class ChoicesEngine(SimEngine):
+    """The sim, answering a streamed chat request with ``n`` > 1 as vLLM does (``choices_stream``: choice ``i``
+    makes ``max_tokens >> i`` tokens, so each finishes before the one before it), an event per write; everything
+    else as the sim."""
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream") or body.get("n", 1) == 1:
+            return await super().generate(request)
+        self.journal.append({"body": body, "outcome": "choices"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        for event in choices_stream([body["max_tokens"] >> i for i in range(body["n"])], usage, self.fingerprint):
+            await response.write(event)
+            await asyncio.sleep(0)  # an event per write, as vLLM's uvicorn writes them
+        await response.write_eof()
+        return response
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_several_choices_are_relayed_and_counted(stack: contextlib.AsyncExitStack, include_usage: bool) -> None:
+    engine = ChoicesEngine(SimSettings(**{"port": 0, **FAST_SIM}))
+    runner = await serve(engine, "127.0.0.1", 0)
+    stack.push_async_callback(runner.cleanup)
+    sim = Sim(engine, runner, f"http://127.0.0.1:{bound_port(runner)}")
+    gw = await gateway_in(stack, [sim.url])
+    client = await client_in(stack, gw)
+    tokens = 1000  # choice 0 makes 1000, choice 1 500 and finishes first
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=tokens, n=2, stream=True, **extra
+    )
+    got: dict[int, list[str]] = {0: [], 1: []}
+    finished: dict[int, str | None] = {}
+    usage = []
+    async for chunk in stream:
+        if not chunk.choices:
+            usage.append(chunk.usage)
+            continue
+        (choice,) = chunk.choices
+        assert choice.index not in finished, "nothing of a choice after its terminal chunk"
+        if choice.delta.content:
+            got[choice.index].append(choice.delta.content)
+        if choice.finish_reason is not None:
+            finished[choice.index] = choice.finish_reason
+            assert chunk.system_fingerprint == (None if include_usage else engine.fingerprint) or choice.index == 1
+    assert got == {0: sim_words(tokens), 1: sim_words(tokens // 2)}
+    assert finished == {0: "length", 1: "stop"}
+    made = tokens + tokens // 2
+    if include_usage:
+        assert [u.completion_tokens for u in usage if u is not None] == [made]
+    else:
+        assert usage == [], "the usage chunk the gateway asked for is taken out"
+    assert engine.journal[-1]["body"]["stream_options"] == {"include_usage": True}  # asked for either way
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_completion_tokens_sum", model=MODEL) == made
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == made - 1
+    assert value(text, "gateway_time_to_first_token_seconds_count", model=MODEL) == 1
+    assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
+
+
+def created_anytime(events: bytes) -> bytes:
+    return re.sub(rb'"created":\d+', b'"created":0', events)
+
+
+@pytest.mark.parametrize("compat", ["0.33", "0.11"])
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_the_client_gets_exactly_the_engines_stream_with_or_without_the_usage_chunk(
+    stack: contextlib.AsyncExitStack, compat: str, include_usage: bool
+) -> None:
+    """The gateway always asks the engine for the usage chunk; the client gets what the engine would have sent
+    it, byte for byte: the usage chunk passed through when the client asked, else taken out and 0.33's
+    system_fingerprint on the terminal chunk where vLLM puts it without usage."""
+    sim = await sim_in(stack, vllm_compat=compat, itl=0.0)
+    gw = await gateway_in(stack, [sim.url])
+    tokens = 3000
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": tokens, "stream": True, **extra}
+    headers = {"X-Request-Id": "same-stream"}
+    async with aiohttp.ClientSession() as s, s.post(sim.url + CHAT, json=body, headers=headers) as r:
+        direct = await r.read()  # what the engine sends a client that asks it directly
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = json.dumps(body).encode()
+    writer.write(
+        f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nX-Request-Id: same-stream\r\n".encode()
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
+        + payload
+    )
+    head, _, raw = (await reader.read()).partition(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    relayed = dechunk(raw)
+    assert created_anytime(relayed) == created_anytime(direct)
+    assert (b'"choices":[]' in relayed) == include_usage
+    assert (b"system_fingerprint" in relayed) == (compat == "0.33")
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_completion_tokens_sum", model=MODEL) == tokens
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == tokens - 1
+    assert sim.journal[-1]["body"]["stream_options"] == {"include_usage": True}
+
+
+# -- the event framing, under every way the engine's bytes can be split into reads -------------------------
+
+
+async def recordings() -> dict[str, bytes]:
+    """Streams as the sim sends them to the gateway (which always asks for the usage chunk)."""
+    out: dict[str, bytes] = {}
+    usage = {"stream_options": {"include_usage": True}}
+    cases: list[tuple[str, dict[str, Any], str, dict[str, Any], dict[str, Any]]] = [
+        ("0.33", {}, CHAT, {"max_tokens": 40}, {}),
+        ("0.33", {}, CHAT, {"max_tokens": 1}, {}),
+        ("0.33", {}, "/v1/completions", {"max_tokens": 30, "prompt": "Hello"}, {}),
+        ("0.33", {"sse_keep_alive_interval": 0.002, "itl": 0.01}, CHAT, {"max_tokens": 5}, {}),
+        ("0.33", {}, CHAT, {"max_tokens": 20}, {"finish_reason": "error"}),  # the engine's error event
+        ("0.11", {}, CHAT, {"max_tokens": 40}, {}),
+    ]
+    for compat, options, path, request_body, faults in cases:
+        sim = await start_sim(vllm_compat=compat, **{"itl": 0.0, **options})
+        try:
+            if faults:
+                await sim.faults(**faults)
+            body = {"model": MODEL, "stream": True, **usage, **request_body}
+            if path == CHAT:
+                body["messages"] = HELLO
+            async with aiohttp.ClientSession() as s, s.post(sim.url + path, json=body) as r:
+                out[f"{compat} {path} {request_body} {options} {faults}"] = await r.read()
+        finally:
+            await sim.close()
+    out["two choices"] = b"".join(choices_stream([30, 30], True, "fp_sim"))  # finishing together
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict[str, bytes]:
+    return asyncio.run(recordings())
+
+
+def as_relayed(stream: bytes, strip: bool) -> bytes:
+    """What the client should get of ``stream``: all of it, but for the usage chunk the gateway asked for on its
+    behalf (``strip``), which is taken out, its system_fingerprint put on each terminal chunk."""
+    blocks = stream.split(b"\n\n")
+    usage = [b for b in blocks if b.startswith(b"data: {") and json.loads(b[6:]).get("choices") == []]
+    if not strip or not usage:
+        return stream
+    fingerprint = json.loads(usage[0][6:]).get("system_fingerprint")
+    out = []
+    for block in blocks:
+        if block is usage[0]:
+            continue
+        if fingerprint is not None and block.startswith(b"data: {"):
+            chunk = json.loads(block[6:])
+            if any(c.get("finish_reason") for c in chunk.get("choices", ())) and "system_fingerprint" not in chunk:
+                block = (
+                    b"data: " + json.dumps({**chunk, "system_fingerprint": fingerprint}, separators=(",", ":")).encode()
+                )
+        out.append(block)
+    return b"\n\n".join(out)
+
+
+def tokens_in(stream: bytes) -> int:
+    """Content events: chunks with a choice that are not the role-only first chunks."""
+    count = 0
+    for block in stream.split(b"\n\n"):
+        if block.startswith(b"data: {"):
+            chunk = json.loads(block[6:])
+            count += sum("role" not in c.get("delta", {}) for c in chunk.get("choices", ()))
+    return count
+
+
+@given(data=st.data())
+@settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_relayed_events_do_not_depend_on_how_the_engines_bytes_are_split(
+    recorded: dict[str, bytes], data: st.DataObject
+) -> None:
+    name = data.draw(st.sampled_from(sorted(recorded)), label="stream")
+    stream = recorded[name]
+    strip = data.draw(st.booleans(), label="strip")  # the gateway asked for the usage chunk, or the client did
+    size = data.draw(st.integers(1, len(stream)), label="read size")  # reads of one size, as a socket buffer's
+    offset = data.draw(st.integers(0, size - 1), label="first read")
+    more = data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="more cuts")
+    cuts = sorted({*range(offset, len(stream), size), *more})
+    reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    ex = Exchange(perf_counter(), "chat_completions", "split", "POST", CHAT, "127.0.0.1")
+    itl = HistogramChild((0.001, 1.0))
+    events = _Events(itl, strip, ex)
+    out = b"".join(events.feed(read) for read in reads) + events.rest()
+    assert out == as_relayed(stream, strip)
+    tokens = tokens_in(stream)
+    assert events.events == tokens
+    assert sum(itl.counts) == tokens - 1
+    assert (ex.ttft is not None) == (tokens > 0)
+    usage = re.search(rb'"completion_tokens":(\d+)', stream)
+    assert ex.completion_tokens == (int(usage[1]) if usage else None)
