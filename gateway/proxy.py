@@ -175,6 +175,8 @@ class Proxy:
             ex.status, ex.error_type = error.status, error.error_type
             return await self._fail(error, ex)
         finally:
+            if ex.heartbeat is not None:
+                ex.heartbeat.stop()
             self.active -= 1
             if not self.active:
                 self.idle.set()

@@ -169,8 +169,10 @@ class Relay:
                     await out.write(data)
                     if beat is not None:
                         beat.wrote()  # the engine's own keep-alive: no gateway comment on top of it
-                if stream.last:  # tokens flow: no more heartbeats
-                    beat = None
+                if stream.last:  # tokens flow: no more heartbeats, and the rest from the connection's callback
+                    if beat is not None:
+                        beat.stop()
+                        beat = None
                     if chunked:
                         await _splice(request, resp, stream)
                         break
