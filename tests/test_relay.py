@@ -282,19 +282,26 @@ def error_at_the_end(events: bytes, code: str) -> None:
     json.loads(before[before.rindex(b"data: ") + 6 :])  # the last event before the error is whole
 
 
+@pytest.mark.parametrize("when", ["while relaying", "while paused on the client"])
 async def test_the_engine_dying_mid_stream_ends_it_with_an_error_event_and_done(
-    stack: contextlib.AsyncExitStack,
+    stack: contextlib.AsyncExitStack, when: str
 ) -> None:
     sim = await sim_in(stack, itl=0.0)
     gw = await gateway_in(stack, [sim.url])
-    await sim.faults(drop_after_tokens=5000)  # thousands of tokens written as fast as they come, then a reset
-    client = await stream_from(gw, 10_000)
+    if when == "while relaying":
+        await sim.faults(drop_after_tokens=5000)  # thousands of tokens written as fast as they come, then a reset
+        client = await stream_from(gw, 10_000)
+    else:
+        client = await stream_from(gw, ENDLESS)
+        await wait_for(lambda: engine_reading_paused(gw), "the gateway to pause reading from the engine")
+        await sim.faults(refuse_seconds=0.5)  # the engine drops its connections (a restart) and comes back
     events = await client.read_to_end()
     error_at_the_end(events, "upstream_error")
     *tokens, _ = blocks(events)
     got = contents(b"\n\n".join([*tokens, b"data: [DONE]", b""]))
-    assert got == sim_words(len(got))  # what reached the gateway before the reset, in order
-    assert sim.outcomes() == ["dropped"]
+    assert got == sim_words(len(got))  # what reached the gateway before the engine went, in order
+    assert sim.outcomes() == ["dropped" if when == "while relaying" else "abort"]
+    await wait_for(lambda: gw.gateway.pool.any_up, "the engine to be up again")
     await settled(gw, sim)
     text = await gw.metrics()
     assert value(text, "gateway_request_errors_total", model=MODEL, error_type="upstream_error") == 1
@@ -608,3 +615,65 @@ def test_the_relayed_events_do_not_depend_on_how_the_engines_bytes_are_split(
     assert (ex.ttft is not None) == (tokens > 0)
     usage = re.search(rb'"completion_tokens":(\d+)', stream)
     assert ex.completion_tokens == (int(usage[1]) if usage else None)
+
+
+# -- the client connection around a relayed stream ---------------------------------------------------------
+
+
+async def read_chunked_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One chunked answer off a kept-alive connection: its head and its events."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    body = bytearray()
+    while True:
+        size = int(await reader.readuntil(b"\r\n"), 16)
+        body += await reader.readexactly(size + 2)
+        if size == 0:
+            return head, bytes(body[:-2])
+        del body[-2:]
+
+
+async def test_streams_one_after_another_on_a_kept_alive_and_a_pipelined_connection(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """After a relayed stream the client's connection carries the next answer cleanly: one request after the
+    other's end, and two requests sent at once (pipelined), each answered whole and in order."""
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url])
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    def kept(max_tokens: int) -> bytes:
+        return request("1.1", max_tokens).replace(b"Connection: close\r\n", b"")
+
+    writer.write(kept(3000))
+    answers = [await read_chunked_answer(reader)]
+    writer.write(kept(2000) + kept(1000))
+    answers += [await read_chunked_answer(reader), await read_chunked_answer(reader)]
+    writer.close()
+    for (head, events), tokens in zip(answers, [3000, 2000, 1000], strict=True):
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
+        assert contents(events) == sim_words(tokens)
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_completion_tokens_sum", model=MODEL) == 6000
+    assert value(text, "gateway_requests_total", model=MODEL, status="200") == 3
+    assert sim.outcomes() == ["length"] * 3
+
+
+async def test_a_stream_whose_200_a_heartbeat_sent_is_relayed_whole_once_tokens_flow(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """A long prefill: the gateway's heartbeat sends the 200 and its comments; the tokens that follow go out on
+    that same answer, thousands of them, framed as its chunks."""
+    sim = await sim_in(stack, itl=0.0, ttft=0.5)
+    gw = await gateway_in(stack, [sim.url], stream_heartbeat=0.05)
+    client = await stream_from(gw, 5000)
+    events = await client.read_to_end()
+    heartbeats, _, rest = events.partition(b"data: ")
+    assert heartbeats.startswith(b": ") and heartbeats.endswith(b"\n\n")  # the gateway's, during the prefill
+    assert contents(b"data: " + rest) == sim_words(5000)
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_completion_tokens_sum", model=MODEL) == 5000
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == 4999
+    assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
