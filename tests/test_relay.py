@@ -310,6 +310,25 @@ async def test_the_engine_dying_mid_stream_ends_it_with_an_error_event_and_done(
     assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == len(got) - 1
 
 
+async def test_the_engines_own_error_event_mid_stream_is_relayed_and_counted(stack: contextlib.AsyncExitStack) -> None:
+    """vLLM reports a failure inside the engine after its 200 as an error event and [DONE]: relayed as sent (not
+    a token), counted as the engine's error, the tokens before it counted."""
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url])
+    await sim.faults(finish_reason="error")
+    client = await stream_from(gw, 3000)
+    events = await client.read_to_end()
+    *tokens, error = blocks(events)
+    assert json.loads(error.removeprefix(b"data: "))["error"]["code"] == 500  # the engine's own, untouched
+    assert contents(b"\n\n".join([*tokens, b"data: [DONE]", b""])) == sim_words(3000)
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total", model=MODEL, error_type="upstream_error") == 1
+    assert value(text, "gateway_request_errors_total") == 1
+    assert value(text, "gateway_completion_tokens_sum", model=MODEL) == 3000
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == 2999
+
+
 async def test_an_engine_that_stalls_mid_stream_meets_the_read_timeout(stack: contextlib.AsyncExitStack) -> None:
     """An engine process stopped (SIGSTOP: a hung GPU, a frozen host) after thousands of tokens: the read timeout
     ends the client's stream with an upstream_timeout error event and [DONE], and closes the engine connection,
