@@ -353,7 +353,7 @@ class EngineConnection(asyncio.Protocol):
 
     def _resume(self) -> None:
         if self._paused:
-            self._paused = False  # also when the connection is gone: pump() would wait on drained() forever
+            self._paused = False  # also when the connection is gone, or pump() spins on drained(), blocking the loop
             if self.transport is not None:
                 self.transport.resume_reading()
 
