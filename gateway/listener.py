@@ -37,19 +37,21 @@ class ListenError(Exception):
 
 @dataclass(frozen=True)
 class ClientLimits:
-    """What one client connection may take: seconds for its head, between body bytes, idle; connections."""
+    """What one client connection may take: seconds for its head, between body bytes, idle, not reading what
+    it was sent; connections."""
 
     header_timeout: float = 15.0
     body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     max_connections: int = 10000
     max_body_bytes: int = 16 * 1024 * 1024
+    send_timeout: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClientLimits:
         return cls(
             settings.client_header_timeout, settings.client_body_timeout, settings.keepalive_timeout,
-            settings.max_connections, settings.max_body_bytes,
+            settings.max_connections, settings.max_body_bytes, settings.client_send_timeout,
         )  # fmt: skip
 
 
@@ -65,9 +67,10 @@ def _answer(status: int, reason: str, error: GatewayError, extra: str = "") -> b
 
 class ClientConnection(RequestHandler):
     """One client connection: its head must arrive within ``header_timeout`` (from the connection, then from
-    the first byte of each next request), its body must progress every ``body_timeout``."""
+    the first byte of each next request), its body must progress every ``body_timeout``, and what it is sent
+    must not stay unread for ``send_timeout`` (the socket's buffer full all that time)."""
 
-    __slots__ = ("_body_timer", "_head_timer", "_last_progress", "_limits", "_listener")
+    __slots__ = ("_body_timer", "_head_timer", "_last_progress", "_limits", "_listener", "_send_timer")
 
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
         super().__init__(listener, keepalive_timeout=listener.limits.keepalive_timeout, **kwargs)
@@ -75,6 +78,7 @@ class ClientConnection(RequestHandler):
         self._limits = listener.limits
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._last_progress = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -88,10 +92,31 @@ class ClientConnection(RequestHandler):
         super().connection_lost(exc)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer):
+        for timer in (self._head_timer, self._body_timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._head_timer = self._body_timer = self._send_timer = None
+
+    def pause_writing(self) -> None:
+        """The client reads slower than it is sent to (its socket's buffer is full): it has ``send_timeout``
+        to take something off it, as nginx's ``send_timeout``."""
+        super().pause_writing()
+        self._send_timer = self._loop.call_later(self._limits.send_timeout, self._send_late)
+
+    def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().resume_writing()
+
+    def _send_late(self) -> None:
+        """Nothing read for ``send_timeout`` s: the connection is dropped, so the request ends as one whose client
+        left (its engine request aborted, its slot freed), instead of holding them for a client that never reads."""
+        self._send_timer = None
+        if self.transport is not None:
+            self._listener.closed("send_timeout")
+            log.info("closed a connection whose client read nothing for %g s", self._limits.send_timeout)
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._current_request is None and not self._messages and self._head_timer is None and data:

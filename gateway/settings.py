@@ -305,6 +305,9 @@ class Settings(_Options):
     keepalive_timeout: float = option(
         75.0, "seconds an idle client keep-alive connection stays open: keep it above a load balancer's idle timeout"
     )
+    client_send_timeout: float = option(
+        60.0, "seconds a client may leave what it is sent unread (its socket full) before it is dropped"
+    )
     max_connections: int = option(10000, "client connections open at once; beyond it a 503 and the connection closed")
     engine_metrics_timeout: float = option(2.0, "seconds an engine's /metrics may take during a scrape")
     engine_metrics_max_age: float = option(1.0, "engine /metrics are fetched at most once per this many seconds")
@@ -367,6 +370,7 @@ class Settings(_Options):
                 ("client_header_timeout", self.client_header_timeout > 0, "more than 0"),
                 ("client_body_timeout", self.client_body_timeout > 0, "more than 0"),
                 ("keepalive_timeout", self.keepalive_timeout > 0, "more than 0"),
+                ("client_send_timeout", self.client_send_timeout > 0, "more than 0"),
                 ("max_connections", self.max_connections >= 1, "at least 1"),
                 (
                     "api_key",

@@ -270,6 +270,21 @@ async def test_a_client_that_half_closes_after_its_request(stack: contextlib.Asy
     await disconnected(gw, sim)
 
 
+async def test_a_client_that_never_reads_is_dropped_after_the_send_timeout(stack: contextlib.AsyncExitStack) -> None:
+    """A client that keeps its connection open and reads nothing would hold its slot and the engine's sequence
+    for good: once its socket is full it has --client-send-timeout to read, then it is dropped as one that left."""
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url], client_send_timeout=0.5)
+    client = await stream_from(gw, ENDLESS)  # and never read from
+    await disconnected(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_client_connections_closed_total", reason="send_timeout") == 1
+    with contextlib.suppress(ConnectionError):
+        while await client.reader.read(1 << 16):
+            pass  # what the kernel held for it, then the end: the gateway closed the connection
+    client.writer.close()
+
+
 # -- the engine fails mid-stream, the drain cuts it --------------------------------------------------------
 
 

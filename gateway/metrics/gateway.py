@@ -241,7 +241,7 @@ class GatewayMetrics:
         )
         self.client_connections_closed = Counter(
             "gateway_client_connections_closed",
-            "Client connections the gateway closed itself, by reason: header_timeout, body_timeout, "
+            "Client connections the gateway closed itself, by reason: header_timeout, body_timeout, send_timeout, "
             "max_connections (refused at accept), bad_version, malformed (refused by the HTTP parser).",
             ("reason",),
             registry=registry,
