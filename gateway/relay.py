@@ -24,6 +24,7 @@ _USAGE_CHUNK = b'"choices":[]'
 _TERMINAL = b'"finish_reason":"'  # a choice's last chunk (finish_reason not null)
 _ERROR_EVENT = b'data: {"error"'
 _NOT_FINISHED = b'"finish_reason":null'  # once in each token chunk (vLLM sends one choice per chunk)
+_CARRY_MAX = 1 << 22  # bytes of one unfinished event held back at most (vLLM's, logprobs and all, are far less)
 _BUSY = re.compile(rb"currently busy|backlog limit")  # vLLM 0.33's 503s when its own queue is full
 _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.S)
 
@@ -259,6 +260,9 @@ class _Events:
             chunk = self.carry + chunk
         end = chunk.rfind(b"\n\n") + 2
         if end == 1:
+            if len(chunk) > _CARRY_MAX:  # an engine that never ends its event: relayed as it is, not held
+                self.carry = b""
+                return chunk
             self.carry = chunk  # no complete event yet
             return b""
         if end == len(chunk):

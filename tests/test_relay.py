@@ -651,6 +651,17 @@ def test_the_relayed_events_do_not_depend_on_how_the_engines_bytes_are_split(
     assert ex.completion_tokens == (int(usage[1]) if usage else None)
 
 
+def test_an_event_that_never_ends_is_relayed_not_held_without_bound() -> None:
+    """An engine that never writes the blank line ending an event: what the relay holds back stays bounded."""
+    ex = Exchange(perf_counter(), "chat_completions", "endless", "POST", CHAT, "127.0.0.1")
+    events = _Events(HistogramChild((0.001, 1.0)), True, ex)
+    piece = b"data: " + b"x" * (1 << 16)
+    out = [events.feed(piece) for _ in range(256)]  # 16 MB without a "\n\n"
+    assert len(events.carry) <= 1 << 22
+    assert sum(map(len, out)) + len(events.carry) == 256 * len(piece)  # every byte relayed or still carried
+    assert events.events == 0
+
+
 # -- the client connection around a relayed stream ---------------------------------------------------------
 
 
