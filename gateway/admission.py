@@ -72,6 +72,15 @@ class Admission:
         # nothing measured yet: every slot is held by a request that has not finished
         return self.queue_timeout
 
+    def try_acquire(self, cost: int, key: str = "") -> bool:
+        """A slot at once, as ``acquire`` grants it when no one waits and it fits (the key under its cap); False
+        when the request would have to wait or be refused (``acquire`` says which)."""
+        tenant = self.fair.tenant(key) if self.fair is not None else None
+        if self._waiters or not self._fits(cost) or (tenant is not None and tenant.capped):
+            return False
+        self._take(cost, tenant)
+        return True
+
     async def acquire(self, cost: int, key: str = "") -> float:
         """Wait for a slot; returns the seconds waited.  Raises GatewayError when refused.  ``key`` (the API
         key's name) counts only with a fair queue."""
@@ -81,10 +90,9 @@ class Admission:
                 f"This request needs about {cost} tokens (prompt + max_tokens), more than the gateway's "
                 f"whole budget of {self.max_tokens} tokens in flight. Reduce the prompt or max_tokens.",
             )
-        tenant = self.fair.tenant(key) if self.fair is not None else None
-        if not self._waiters and self._fits(cost) and (tenant is None or not tenant.capped):
-            self._take(cost, tenant)
+        if self.try_acquire(cost, key):
             return 0.0
+        tenant = self.fair.tenant(key) if self.fair is not None else None
         if len(self._waiters) >= self.max_queue:
             raise GatewayError(
                 "queue_full",

@@ -134,19 +134,29 @@ class WorkerLink:
     index: int
     pid: int
     writer: asyncio.StreamWriter
+    wake: Callable[[], None]  # the parent writes what was sent to it at the end of this turn of its loop
     admitted: int = 0  # slots granted to it: how much it has served
     held: Counter[tuple[int, str]] = field(default_factory=Counter)
     waiting: dict[int, asyncio.Task[float]] = field(default_factory=dict)
     snapshots: dict[int, asyncio.Future[list[Family]]] = field(default_factory=dict)
     last: list[Family] = field(default_factory=list)  # its series at the last scrape
     tokens: dict[str, int] = field(default_factory=dict)  # engine URL -> its tokens in flight there, last said
+    frames: list[bytes] = field(default_factory=list)  # sent to it in this turn of the parent's loop
 
     def send(self, message: dict[str, Any]) -> None:
         self.write(_frame(message))
 
     def write(self, frame: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(frame)
+        self.frames.append(frame)
+        self.wake()
+
+    def flush(self) -> None:
+        """This turn's messages in one write: one system call here and one wake-up of the worker."""
+        if self.frames:
+            data = b"".join(self.frames)
+            self.frames.clear()
+            if not self.writer.is_closing():
+                self.writer.write(data)
 
 
 class Authority:
@@ -166,6 +176,8 @@ class Authority:
         self._ids = itertools.count()
         self._scrapes: set[asyncio.Future[None]] = set()
         self._due: set[str] = set()  # what to send every worker at the end of this moment: engines, tokens
+        self._flushing = False  # the end of this turn of the loop is scheduled: every link's messages written
+        self._pending = 0  # acquires not answered at once: the next ones queue behind them, in arrival order
 
     def reload(self) -> None:
         """SIGHUP or a change of the keys file: read here (the fair queue's weights and caps) and by every worker."""
@@ -184,14 +196,23 @@ class Authority:
     def send_state(self, what: str = "engines") -> None:
         """The engines' state (or only the workers' tokens at them) to every worker, once for all the changes of
         this moment."""
-        if not self._due:
-            asyncio.get_running_loop().call_soon(self._send_due)
         self._due.add(what)
+        self._wake()
 
-    def _send_due(self) -> None:
-        message = self._state() if "engines" in self._due else {"op": "tokens", "held": self._held()}
-        self._due.clear()
-        self._send_all(message)
+    def _wake(self) -> None:
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """The end of this turn: the state due, then each worker's messages in one write."""
+        self._flushing = False
+        if self._due:
+            message = self._state() if "engines" in self._due else {"op": "tokens", "held": self._held()}
+            self._due.clear()
+            self._send_all(message)
+        for link in self.links.values():
+            link.flush()
 
     def _state(self) -> dict[str, Any]:
         return self.host.state() | {"held": self._held()}
@@ -215,7 +236,7 @@ class Authority:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = json.loads(await reader.readline())
-        link = WorkerLink(hello["index"], hello["pid"], writer)
+        link = WorkerLink(hello["index"], hello["pid"], writer, self._wake)
         self.links[link.index] = link
         link.send(self._state())  # before it takes connections, a worker knows the engines
         self.connected(link.index)
@@ -231,6 +252,10 @@ class Authority:
     def _handle(self, link: WorkerLink, msg: dict[str, Any]) -> None:
         op = msg["op"]
         if op == "acquire":
+            if not self._pending and self.admission.try_acquire(msg["cost"], msg["key"]):
+                link.send(self._granted(link, msg, 0.0))
+                return
+            self._pending += 1  # until it is decided, later acquires take this way too: none overtakes it
             task = asyncio.ensure_future(self.admission.acquire(msg["cost"], msg["key"]))
             link.waiting[msg["id"]] = task
             task.add_done_callback(lambda t, m=msg: self._decided(link, m, t))
@@ -265,7 +290,14 @@ class Authority:
         elif op == "final":  # a worker that drained: its last series, before it exits
             link.last = msg["families"]
 
+    def _granted(self, link: WorkerLink, msg: dict[str, Any], waited: float) -> dict[str, Any]:
+        """A slot the admission gave a worker's acquire: held by that worker, and the reply that says so."""
+        link.admitted += 1
+        link.held[(msg["cost"], msg["key"])] += 1
+        return {"id": msg["id"], "state": self.levels(), "waited": waited, "cost": msg["cost"], "key": msg["key"]}
+
     def _decided(self, link: WorkerLink, msg: dict[str, Any], task: asyncio.Task[float]) -> None:
+        self._pending -= 1
         link.waiting.pop(msg["id"], None)
         reply: dict[str, Any] = {"id": msg["id"], "state": self.levels()}
         if task.cancelled():
@@ -275,9 +307,7 @@ class Authority:
         elif exc is not None:
             raise exc
         else:
-            link.admitted += 1
-            link.held[(msg["cost"], msg["key"])] += 1
-            reply |= {"waited": task.result(), "cost": msg["cost"], "key": msg["key"]}
+            reply = self._granted(link, msg, task.result())
         if link.writer.is_closing():
             if "waited" in reply:  # granted to a worker that is gone: hand it on
                 self._release_all(link)
@@ -362,6 +392,8 @@ class ParentLink:
         self.on_tokens: Callable[[dict[str, dict[str, int]]], None] | None = None
         self.tokens: Callable[[], dict[str, int]] = dict  # engine URL -> this worker's tokens in flight there
         self._tokens_due = False
+        self._frames: list[bytes] = []  # sent in this turn of the loop, written at its end
+        self._flushing = False
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
@@ -369,8 +401,25 @@ class ParentLink:
         self._reader_task = asyncio.create_task(self._read(reader), name="coordination")
 
     def _send(self, message: dict[str, Any]) -> None:
+        self._frames.append(_frame(message))
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """The end of this turn: its messages (acquires, releases, the tokens if they changed) in one write, one
+        system call here and one wake-up of the parent."""
         assert self._writer is not None, "not connected to the parent"
-        self._writer.write(_frame(message))
+        self._flushing = False
+        if self._tokens_due:
+            self._tokens_due = False
+            self._frames.append(_frame({"op": "tokens", "tokens": self.tokens()}))
+        if self._frames and not self._writer.is_closing():
+            self._writer.write(b"".join(self._frames))
+        self._frames.clear()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -417,14 +466,8 @@ class ParentLink:
     def held(self) -> None:
         """This worker's tokens in flight to an engine changed: the parent hears it (once for the changes of this
         moment) and tells the other workers."""
-        if not self._tokens_due:
-            self._tokens_due = True
-            asyncio.get_running_loop().call_soon(self._send_tokens)
-
-    def _send_tokens(self) -> None:
-        self._tokens_due = False
-        if self._writer is not None and not self._writer.is_closing():
-            self._send({"op": "tokens", "tokens": self.tokens()})
+        self._tokens_due = True
+        self._wake()
 
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         ask = message["id"] = next(self._ids)
@@ -485,6 +528,7 @@ class ParentLink:
         if self._reader_task is not None:
             self._reader_task.cancel()
         if self._writer is not None:
+            self._flush()  # the final series
             self._writer.close()
             with contextlib.suppress(ConnectionError):
                 await self._writer.wait_closed()
