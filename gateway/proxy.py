@@ -290,9 +290,9 @@ class Proxy:
         if not target.startswith("/"):  # absolute-form: the engine gets the path alone
             target = request.rel_url.raw_path_qs
         reason = "no upstream configured"
-        router, candidates = self.router, route.candidates
-        last = len(candidates) - 1
-        for i, upstream in enumerate(candidates):
+        router = self.router
+        upstream = route.candidates[0] if route.candidates else None
+        while upstream is not None:
             upstream.in_flight += 1
             try:
                 resp = await self.client.request(upstream.url, request.method, target, headers, body)
@@ -305,9 +305,8 @@ class Proxy:
                 reason = f"{upstream.name}: {exc}"
                 self.pool.mark_down(upstream, reason)
                 router.failed(upstream, reason)
-                if i < last and router.retry(route, upstream, candidates[i + 1], "unreachable"):
-                    continue  # nothing was sent: safe to try the next engine
-                break
+                upstream = router.retry(route, upstream, "unreachable")  # nothing was sent: safe to try the next
+                continue
             except EngineError as exc:
                 upstream.in_flight -= 1
                 router.failed(upstream, str(exc))
@@ -317,14 +316,10 @@ class Proxy:
                 upstream.in_flight -= 1
                 raise
             router.answered(upstream, resp.status)
-            if (
-                resp.status == 503
-                and i < last
-                and candidates[i + 1].up
-                and router.retry(route, upstream, candidates[i + 1], "unavailable")
-            ):
+            if resp.status == 503 and (following := router.retry(route, upstream, "unavailable", ready=True)):
                 resp.close()
                 upstream.in_flight -= 1
+                upstream = following
                 continue
             ex.upstream = upstream.name
             return upstream, resp

@@ -11,9 +11,10 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 
 from gateway.routing.breaker import CLOSED, HALF_OPEN, OPEN
-from gateway.settings import Settings
+from gateway.settings import Settings, parse_upstream
 from tests.harness import (
     MODEL,
     Gw,
@@ -282,6 +283,50 @@ async def test_retry_budget_stops_a_storm_when_every_engine_is_gone(stack: conte
     assert 3 <= retries <= max(3, 0.2 * requests) < 2 * requests
     assert value(text, "gateway_request_errors_total", error_type="upstream_unavailable") == requests
     gw.assert_idle()
+
+
+async def test_a_retry_passes_over_an_engine_that_left_the_pool_meanwhile(stack: contextlib.AsyncExitStack) -> None:
+    """The engines are ordered when the request is admitted; one that leaves the pool (DNS discovery) while the
+    first answers busy is not where the request moves: the next one still in the pool is."""
+    later = [await sim_in(stack), await sim_in(stack)]
+    gw: Gw | None = None
+
+    async def busy(request: web.Request) -> web.Response:
+        assert gw is not None
+        await request.read()
+        gw.gateway.set_engines([parse_upstream(first_url), parse_upstream(later[1].url)])  # the second leaves
+        body = {"error": {"message": "The engine is currently busy. Please retry.", "type": "ServiceUnavailable",
+                          "param": None, "code": 503}}  # fmt: skip
+        return web.json_response(body, status=503)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(request: web.Request) -> web.Response:
+        card = {"id": MODEL, "object": "model", "max_model_len": 1 << 20}
+        return web.json_response({"object": "list", "data": [card]})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", busy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    first_url = f"http://127.0.0.1:{port}"
+    gw = await gateway_in(stack, [first_url, *(s.url for s in later)], **LOADS)
+    await wait_for(lambda: all(u.up for u in gw.gateway.pool.upstreams), "the three engines up")
+    status, _, raw = await post(gw.url + "/v1/chat/completions", json_body={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+    })  # fmt: skip
+    assert status == 200, raw
+    assert later[0].outcomes() == [] and later[1].outcomes() == ["length"]
+    text = await gw.metrics()
+    assert value(text, "gateway_retries_total", upstream=first_url, reason="unavailable") == 1
+    assert value(text, "gateway_routing_decisions_total", upstream=later[1].url, reason="retry") == 1
+    await settled(gw, *later)
 
 
 async def test_weights_give_an_engine_its_share(stack: contextlib.AsyncExitStack) -> None:

@@ -35,13 +35,14 @@ AFFINITY, FALLBACK, LEAST, RETRY = "affinity", "fallback", "least_load", "retry"
 class Route:
     """One request's engines in the order to try, and the engine that holds its tokens now."""
 
-    __slots__ = ("candidates", "cost", "held", "tries")
+    __slots__ = ("at", "candidates", "cost", "held", "tries")
 
     def __init__(self, candidates: list[EngineState], cost: int) -> None:
         self.candidates = [s.upstream for s in candidates]
         self.cost = cost
         self.held: EngineState | None = None
         self.tries = 0
+        self.at = 0  # the candidate being tried
 
     def hold(self, state: EngineState, now: float) -> None:
         if self.held is not None:
@@ -285,12 +286,20 @@ class Router:
 
     # -- what happened ----------------------------------------------------------------------------------
 
-    def retry(self, route: Route, left: Upstream, to: Upstream, reason: str) -> bool:
-        """Whether the request may move from ``left`` to ``to`` (nothing was sent, or the engine refused it
-        as busy): within --retries and the retry budget.  Counted in gateway_retries_total."""
+    def retry(self, route: Route, left: Upstream, reason: str, *, ready: bool = False) -> Upstream | None:
+        """The engine the request moves to from ``left`` (nothing was sent, or the engine refused it as busy):
+        the route's next engine still in the pool (one that left it since the route was made is passed over),
+        and up when ``ready``; within --retries and the retry budget.  None when there is none or it may not
+        move.  Counted in gateway_retries_total."""
+        candidates = route.candidates
+        at = next((j for j in range(route.at + 1, len(candidates)) if self._in_pool(candidates[j])), None)
+        if at is None or (ready and not candidates[at].up):
+            return None
         if route.tries >= self.settings.retries or not self.budget.allow():
-            return False
+            return None
         route.tries += 1
+        route.at = at
+        to = candidates[at]
         if left in self.states:  # not an engine that left the pool and is gone already (its series are)
             self.metrics.child(self.metrics.retries, left.name, reason).inc()
         state = self.states.get(to)
@@ -298,7 +307,11 @@ class Router:
             route.hold(state, time.monotonic())
             self._held(state)
             self._decided(to, RETRY)
-        return True
+        return to
+
+    def _in_pool(self, upstream: Upstream) -> bool:
+        """Not removed from the pool, nor leaving it (removed, its requests still running)."""
+        return upstream in self.states and upstream not in self._leaving
 
     def answered(self, upstream: Upstream, status: int) -> None:
         """The engine's answer's head: a 5xx other than 503 (busy, its own queue full) counts as a failure."""
