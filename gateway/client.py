@@ -226,7 +226,7 @@ class EngineConnection(asyncio.Protocol):
             self._complete = True  # an answer without a length ends when the connection does (cleanly)
             self._wake()
         elif not self._got_bytes and self.reused and self.loop.time() - self.sent_at < STALE_WINDOW:
-            self._fail(_Stale("the engine closed a kept-alive connection as it was reused"))
+            self._fail(_Stale("the engine closed the connection as it was reused (idle close, or the engine is gone)"))
         else:
             self._fail(EngineBrokeOff(f"the engine closed the connection mid-answer ({exc or 'EOF'})"))
 

@@ -13,7 +13,15 @@ from aiohttp import web
 from gateway import relay
 from gateway.access.guard import Access
 from gateway.admission import Admission
-from gateway.client import EngineClient, EngineConnection, EngineError, EngineUnreachable, GatewayExhausted
+from gateway.client import (
+    EngineAborted,
+    EngineBrokeOff,
+    EngineClient,
+    EngineConnection,
+    EngineError,
+    EngineUnreachable,
+    GatewayExhausted,
+)
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from gateway.headers import filter_headers, request_id, to_engine
@@ -48,6 +56,12 @@ ENDPOINTS = {
     "/version": "version",
 }
 _INLINE_BODY_MAX = 1 << 20  # answers up to this size are read whole and written in one go
+
+
+def _dropped(exc: EngineError) -> bool:
+    """The engine closed the connection (or answered what is not HTTP) before its answer's head: not a read
+    timeout (it may be generating) and not the gateway's own cut at the drain deadline."""
+    return isinstance(exc, EngineBrokeOff) and not isinstance(exc, EngineAborted)
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -310,6 +324,9 @@ class Proxy:
             except EngineError as exc:
                 upstream.in_flight -= 1
                 router.failed(upstream, str(exc))
+                if _dropped(exc) and (following := router.retry(route, upstream, "reset")):
+                    upstream = following  # dropped before its answer's head: vLLM aborted it there, if alive
+                    continue
                 ex.upstream = upstream.name
                 raise relay.engine_error(exc, self.settings.upstream_read_timeout) from None
             except BaseException:

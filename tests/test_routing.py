@@ -267,6 +267,36 @@ async def test_engine_killed_under_load_fails_no_request_that_had_no_byte(stack:
     await settled(gw, sims[0], sims[2])
 
 
+@pytest.mark.parametrize("retries", [2, 0])
+async def test_an_answer_dropped_before_its_head_moves_to_another_engine(
+    stack: contextlib.AsyncExitStack, retries: int
+) -> None:
+    """A non-streamed generation has no head until it is done: an engine that dies meanwhile drops it before
+    any byte, and vLLM aborts a request whose connection is gone (a dead engine runs nothing), so the request
+    moves to another engine, never the same one again; with --retries 0 it is the client's 502."""
+    dying, other = await sim_in(stack, itl=0.05), await sim_in(stack)
+    gw = await gateway_in(stack, [dying.url, other.url], retries=retries, **LOADS)
+    await wait_for(lambda: all(u.up for u in gw.gateway.pool.upstreams), "both engines up")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+    answer = asyncio.create_task(post(gw.url + "/v1/chat/completions", json_body=body))
+    await wait_for(lambda: dying.engine.running == 1, "the generation to run on the first engine")
+    dying.engine._refuse(3600)  # the engine dies: its connections drop, its port refuses from now on
+    status, _, raw = await answer
+    text = await gw.metrics()
+    if retries:
+        assert status == 200, raw
+        assert json.loads(raw)["usage"]["completion_tokens"] == 200
+        assert other.outcomes() == ["length"]
+        assert value(text, "gateway_retries_total", upstream=dying.url, reason="reset") == 1
+        assert value(text, "gateway_request_errors_total") == 0
+    else:
+        assert status == 502, raw
+        error_body(json.loads(raw), code="upstream_error", type="server_error")
+        assert other.outcomes() == []
+        assert value(text, "gateway_retries_total", upstream=dying.url, reason="reset") == 0
+    await settled(gw, other)
+
+
 async def test_retry_budget_stops_a_storm_when_every_engine_is_gone(stack: contextlib.AsyncExitStack) -> None:
     urls = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]  # nothing listens there
     gw = await gateway_in(stack, urls, wait_ready=False, **LOADS)

@@ -27,7 +27,8 @@ from gateway.settings import Settings
 from gateway.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("gateway.routing")
-RETRY_REASONS = ("unreachable", "unavailable")  # a refused connection; a 503 before any byte
+# a refused connection; a 503 (busy) before any byte; the connection dropped before the answer's head
+RETRY_REASONS = ("unreachable", "unavailable", "reset")
 
 AFFINITY, FALLBACK, LEAST, RETRY = "affinity", "fallback", "least_load", "retry"
 
