@@ -22,6 +22,7 @@ FIELDS = (
     "first_byte", "ttft", "duration", "prompt_tokens", "completion_tokens", "bytes_in", "bytes_out", "key",
 )  # fmt: skip
 _MAX_PENDING = 100_000  # lines waiting for a stuck output; beyond it lines are dropped and counted
+_PIPE_BUF = 4096  # bytes a write to a pipe delivers whole (POSIX's minimum, Linux's value)
 _BATCH_S = 0.05  # seconds a line may wait on the loop before it is handed to the writer thread
 _SAFE = re.compile(r"[\w.:/@+=,-]*")  # shown bare in text; anything else is quoted as a JSON string
 
@@ -87,6 +88,22 @@ def text_line(ex: Exchange) -> str:
     )
 
 
+def _blocks(lines: list[str]) -> list[str]:
+    """Whole lines joined into blocks of at most PIPE_BUF bytes (a longer line is a block of its own): each is
+    written at once, so lines of several processes writing to one pipe (``--workers``) interleave, never mix."""
+    blocks, block, size = [], [], 0
+    for line in lines:
+        length = len(line.encode()) if not line.isascii() else len(line)
+        if block and size + length > _PIPE_BUF:
+            blocks.append("".join(block))
+            block, size = [], 0
+        block.append(line)
+        size += length
+    if block:
+        blocks.append("".join(block))
+    return blocks
+
+
 class AccessLog:
     """Called with each finished request (``Proxy.on_finish``): the line is made on the loop and handed to a
     writer thread, so a slow or blocked output never stalls a request.  Lines are handed over in batches, at
@@ -145,8 +162,9 @@ class AccessLog:
                 reported = self.dropped
             stream = self.stream or sys.stdout
             try:
-                stream.write("".join(lines))
-                stream.flush()
+                for block in _blocks(lines):
+                    stream.write(block)
+                    stream.flush()  # one write(2) per block: atomic on a pipe, so workers' lines never mix
             except (OSError, ValueError):  # the output is gone (closed pipe): the requests go on
                 pass
             self.written += count

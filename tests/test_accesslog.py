@@ -4,6 +4,7 @@ off, an engine's 503, a malformed body, an unknown path); warnings about a reque
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 import openai
 import pytest
 
-from gateway.accesslog import FIELDS
+from gateway.accesslog import FIELDS, _blocks
 from tests.harness import CHAT, HELLO, MODEL, free_port, wait_http
 
 _PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
@@ -213,3 +214,31 @@ def test_access_log_off_writes_nothing(served: Served) -> None:
     client.close()
     served.stop()
     assert served.stdout == ""
+
+
+@pytest.mark.parametrize("served", [("--access-log", "json", "--workers", "2")], indirect=True)
+def test_two_workers_lines_never_mix_on_one_pipe(served: Served) -> None:
+    """Both workers write to the one stdout pipe, which nobody reads until the end (their writes block and
+    resume together): every line arrives whole, each request exactly once."""
+    ids = [f"mix-{i}" for i in range(300)]
+    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 2}).encode()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # a connection per request: both workers serve
+        statuses = list(pool.map(lambda rid: post(served.url + CHAT, body, rid), ids))
+    assert statuses == [200] * len(ids)
+    with urllib.request.urlopen(served.url + "/status", timeout=10) as r:
+        workers = json.loads(r.read())["workers"]
+    assert all(w["admitted"] > 0 for w in workers), workers
+    served.stop()
+    logged = lines(served, "json")  # every line parses, with every field in order: none mixed with another
+    assert set(logged) == set(ids)
+
+
+def test_lines_are_written_in_whole_blocks_a_pipe_delivers_at_once() -> None:
+    """What each write(2) carries: whole lines, at most PIPE_BUF bytes unless one line alone is longer."""
+    lines = [f"request_id=r{i} path=/v1/{'é' * (i % 50)}\n" for i in range(500)] + ["x" * 5000 + "\n", "tail\n"]
+    blocks = _blocks(lines)
+    assert "".join(blocks) == "".join(lines)
+    for block in blocks:
+        assert block.endswith("\n")
+        assert len(block.encode()) <= 4096 or block.count("\n") == 1, len(block.encode())
+    assert len(blocks) > 1
