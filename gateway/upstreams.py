@@ -87,17 +87,10 @@ class UpstreamPool:
         self.reindex()
         return added, removed
 
-    def candidates(self, model: str = "") -> list[Upstream]:
+    def serving(self, model: str) -> list[Upstream]:
         """The engines a request for ``model`` may go to: those serving it (a request naming none gets the first
         served model, as vLLM serves it), engines not checked yet when none is known to; every engine while no
-        model list is known.  Down engines are still tried last.  GatewayError 404 when no engine serves it."""
-        serving = self.serving(model)
-        if len(serving) == 1:
-            return serving
-        return sorted(serving, key=lambda u: (not u.up, u.in_flight))
-
-    def serving(self, model: str) -> list[Upstream]:
-        """The engines serving ``model`` (see ``candidates``); GatewayError 404 when none does."""
+        model list is known.  GatewayError 404 when no engine serves it."""
         if not self._served:
             return self.upstreams
         serving = self._serving.get(model or next(iter(self._served)))

@@ -181,14 +181,17 @@ class Router:
     # -- choosing ---------------------------------------------------------------------------------------
 
     def _serving(self, model: str) -> list[EngineState]:
-        return [self.states[u] for u in self.pool.candidates(model)]
+        """The engines serving ``model``, in the pool's order (the policy orders them); GatewayError 404 when
+        none does."""
+        states = self.states
+        return [states[u] for u in self.pool.serving(model)]
 
     def plain(self, model: str) -> Route:
         """A request outside admission (model lists, tokenize): usable engines by score, then the others."""
         now = time.monotonic()
         states = self._serving(model)
         usable = [s for s in states if s.usable(now)]
-        return Route([*least_load(usable, now), *(s for s in states if s not in usable)], 0)
+        return Route([*least_load(usable, now), *least_load([s for s in states if s not in usable], now)], 0)
 
     async def admit(self, cost: int, model: str, key: bytes | None, timeout: float) -> Route:  # noqa: ASYNC109
         """The request's route once an engine has KV room for ``cost`` tokens; waits for room behind the
