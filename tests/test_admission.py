@@ -556,6 +556,31 @@ async def test_admission_fifo_and_large_request_not_overtaken() -> None:
     assert a.tokens_in_flight == 0 and a.in_flight == 0
 
 
+async def test_admission_try_acquire_grants_only_what_acquire_would_grant_at_once() -> None:
+    """The parent of --workers answers an acquire without a task when it can: the same accounting as acquire's
+    immediate grant, and never past a waiter, the cap, the budget or a key's own cap."""
+    a = Admission(max_concurrency=2, max_queue=10, queue_timeout=30.0, max_tokens=100, fair=True)
+    assert a.fair is not None
+    a.fair.configure("capped", 1.0, 1)
+    assert not a.try_acquire(101)  # over the whole budget: acquire refuses it
+    assert a.try_acquire(60, "capped")
+    assert (a.in_flight, a.tokens_in_flight, a.granted) == (1, 60, 1)
+    assert a.tenant_stats()["capped"] == {"in_flight": 1, "queue_depth": 0, "tokens_in_flight": 60}
+    assert not a.try_acquire(10, "capped")  # the key is at its own cap
+    assert not a.try_acquire(50, "other")  # over the budget beside the 60
+    big = asyncio.create_task(a.acquire(50, "other"))
+    await wait_for(lambda: a.queue_depth == 1, "big queued")
+    assert not a.try_acquire(10, "third")  # it fits, but someone waits
+    assert (a.in_flight, a.tokens_in_flight, a.granted) == (1, 60, 1)
+    a.release(60, "capped")
+    await big  # granted in its turn, as the 60 left
+    assert a.try_acquire(10, "third")
+    assert not a.try_acquire(0, "fourth")  # both slots taken
+    a.release(50, "other")
+    a.release(10, "third")
+    assert (a.in_flight, a.tokens_in_flight, a.queue_depth, a.granted) == (0, 0, 0, 3)
+
+
 async def test_admission_refusals() -> None:
     a = Admission(max_concurrency=1, max_queue=1, queue_timeout=0.05, max_tokens=100)
     with pytest.raises(GatewayError) as caught:
