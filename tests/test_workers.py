@@ -494,6 +494,49 @@ async def test_an_engines_kv_room_counts_the_tokens_of_every_worker() -> None:
             await until(nothing_held, "no tokens left in flight")
 
 
+async def test_the_queue_is_fifo_across_workers() -> None:
+    """One slot, held; requests queued through either worker in turn get it in the order they queued."""
+    with stack("--max-concurrency", "1", "--max-queue", "8") as (sim, url, _gw):
+        async with AsyncExitStack() as sessions:
+            pairs = [await per_worker(sessions, url) for _ in range(4)]  # a connection to each worker, four times
+
+            async def post(session: aiohttp.ClientSession, rid: str) -> int:
+                body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+                async with session.post(url + CHAT, json=body, headers={"X-Request-Id": rid}) as r:
+                    await r.read()
+                    return r.status
+
+            async def journal() -> list[Any]:
+                return list((await get_json(sim + "/admin/state"))["requests"])
+
+            await faults(sim, hang=True)
+            held = asyncio.ensure_future(post(pairs[0][0], "held"))  # the slot taken by a request that hangs
+
+            async def at_the_engine() -> bool:
+                return [e["outcome"] for e in await journal()] == ["hang"]
+
+            await until(at_the_engine, "the held request at the engine")
+            await faults(sim, hang=False)
+            order = [f"q{i}" for i in range(6)]
+            queued = []
+            for i, rid in enumerate(order):
+                queued.append(asyncio.ensure_future(post(pairs[1 + i // 2][i % 2], rid)))  # workers 0, 1, 0, 1, ...
+
+                async def in_the_queue(n: int = i + 1) -> bool:
+                    return bool((await get_json(url + "/status"))["admission"]["queue_depth"] == n)
+
+                await until(in_the_queue, f"{rid} queued")
+            held.cancel()  # the client leaves: the slot goes to the queue's head, and so on in order
+            with contextlib.suppress(asyncio.CancelledError):
+                await held
+            assert await asyncio.gather(*queued) == [200] * 6
+            assert [e["request_id"] for e in await journal()] == ["held", *order]
+            await counted(url, 6)
+            status = await get_json(url + "/status")
+            assert status["admission"]["in_flight"] == status["admission"]["queue_depth"] == 0
+            assert sorted(w["admitted"] for w in status["workers"]) == [3, 4]  # the held one was worker 0's
+
+
 async def test_every_worker_serves_the_metrics_port() -> None:
     admin_port = free_port()
     with stack("--metrics-port", str(admin_port)) as (_, url, gw):
