@@ -37,6 +37,26 @@ _LINE_LIMIT = 1 << 28  # bytes of one message: a worker's series, the merged exp
 _WATCH_INTERVAL = 1.0  # seconds between looks at the keys file (as one process's watch)
 
 
+class AtTurnEnd:
+    """Calls ``action`` once at the end of this turn of the event loop, however often it is asked to meanwhile:
+    the messages of a turn go out in one write."""
+
+    __slots__ = ("action", "due")
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action = action
+        self.due = False
+
+    def __call__(self) -> None:
+        if not self.due:
+            self.due = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        self.due = False
+        self.action()
+
+
 def _frame(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
@@ -195,7 +215,7 @@ class Authority:
         self._scrapes: set[asyncio.Future[None]] = set()
         self._engines_due = False  # the engines' state is sent every worker at the end of this moment
         self._moved: set[int] = set()  # the workers whose tokens at the engines changed in this moment
-        self._flushing = False  # the end of this turn of the loop is scheduled: every link's messages written
+        self._wake = AtTurnEnd(self._flush)  # every link's messages written at the end of this turn of the loop
         self._pending = 0  # acquires not answered at once: the next ones queue behind them, in arrival order
 
     def reload(self) -> None:
@@ -223,14 +243,8 @@ class Authority:
         self._moved.add(index)
         self._wake()
 
-    def _wake(self) -> None:
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
     def _flush(self) -> None:
         """The end of this turn: the state due, then each worker's messages in one write."""
-        self._flushing = False
         if self._engines_due:
             self._engines_due = False
             self._send_all(self._state())
@@ -432,7 +446,7 @@ class ParentLink:
         self.tokens: Callable[[], dict[str, int]] = dict  # engine URL -> this worker's tokens in flight there
         self._tokens_due = False
         self._frames: list[bytes] = []  # sent in this turn of the loop, written at its end
-        self._flushing = False
+        self._wake = AtTurnEnd(self._flush)
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
@@ -446,16 +460,10 @@ class ParentLink:
         self._frames.append(frame)
         self._wake()
 
-    def _wake(self) -> None:
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
     def _flush(self) -> None:
         """The end of this turn: its messages (acquires, releases, the tokens if they changed) in one write, one
         system call here and one wake-up of the parent."""
         assert self._writer is not None, "not connected to the parent"
-        self._flushing = False
         if self._tokens_due:
             self._tokens_due = False
             self._frames.append(_frame({"op": "tokens", "tokens": self.tokens()}))
