@@ -1,33 +1,27 @@
 """The cross-worker coordination of ``--workers N``, over a Unix socket: the parent's side (the one admission of
-all workers, the engines' checks, load reads and breakers, the merge of the metrics, the keys' reload) and each
-worker's (``ParentLink``: the ``Admission`` interface, and the parent's engine state applied as it comes)."""
+all workers, the engines' state of ``EngineHost`` sent to each, the merge of the metrics, the keys' reload) and
+each worker's (``ParentLink``: the ``Admission`` interface, and the parent's engine state applied as it comes)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
 import math
 import os
 import signal
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-
-from gateway.app import Gateway
+from gateway.enginehost import EngineHost
 from gateway.errors import GatewayError
 from gateway.fair import FairQueue
 from gateway.metrics.merge import Family, Merged, families, gateway_series, parents_series
-from gateway.routing.breaker import Breaker
-from gateway.routing.load import EngineLoad, EngineState
-from gateway.settings import Settings, UpstreamSpec
+from gateway.settings import Settings
 from gateway.upstreams import Upstream
 
 log = logging.getLogger("gateway.workers")
@@ -77,92 +71,6 @@ def _grant_line(ask: int, waited: float, levels: Sequence[float], cost: int, key
     in_flight, queue_depth, tokens, granted, eta = levels
     return b"g %d %r %d %d %d %d %r %d %s\n" % (ask, waited, in_flight, queue_depth, tokens, granted, eta, cost,
                                                 key.encode())  # fmt: skip
-
-
-# -- the engines, once per host ---------------------------------------------------------------------------
-
-
-def _view(upstream: Upstream, state: EngineState) -> dict[str, Any]:
-    """One engine as the parent's checks, load reads and breaker left it, for the wire (the clock is the host's
-    monotonic one, the same in every process)."""
-    b = state.breaker
-    return {
-        "url": upstream.url, "name": upstream.name, "weight": upstream.weight, "up": upstream.up,
-        "fails": upstream.fails, "successes": upstream.successes,
-        "last_error": upstream.last_error, "last_check": upstream.last_check, "models": upstream.models,
-        "cards": upstream.cards, "was_up": state.was_up, "loaded_at": state.loaded_at,
-        "load": dataclasses.astuple(state.load) if state.load is not None else None,
-        "breaker": [b.fails, b.opened_at, b.probe_at, b.recovered_at],
-    }  # fmt: skip
-
-
-def apply_view(upstream: Upstream, state: EngineState, view: dict[str, Any]) -> bool:
-    """A worker takes the parent's view of one engine; True when the models it serves changed."""
-    upstream.up, upstream.fails, upstream.successes = view["up"], view["fails"], view["successes"]
-    upstream.last_error, upstream.last_check, upstream.cards = view["last_error"], view["last_check"], view["cards"]
-    state.was_up, state.loaded_at = view["was_up"], view["loaded_at"]
-    state.load = EngineLoad(*view["load"]) if view["load"] is not None else None
-    b = state.breaker
-    b.fails, b.opened_at, b.probe_at, b.recovered_at = view["breaker"]
-    changed = view["models"] != upstream.models
-    upstream.models = view["models"]
-    return changed
-
-
-class EngineHost(Gateway):
-    """The parent's own gateway, which serves no request: it checks the engines, resolves their names, reads their
-    load, keeps their breakers, collects the GPU and host series, and holds the one ``Admission`` of all workers."""
-
-    def __init__(self, settings: Settings, changed: Callable[[], None]) -> None:
-        super().__init__(settings)
-        self.changed = changed  # the engines' state changed: the workers are sent it
-        self.rounds = 0  # rounds of health checks done
-        self.checked = asyncio.Event()
-        self.health.after = self._checked
-        self.router.after = changed
-
-    def _checked(self) -> None:
-        self.rounds += 1
-        self.checked.set()
-        self.changed()
-
-    def set_engines(self, specs: Sequence[UpstreamSpec]) -> None:
-        """DNS discovery's engines, found here once for the host, and sent to every worker."""
-        super().set_engines(specs)
-        self.changed()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """Checks and load reads for as long as the context lasts; entered after the first round of checks (or
-        its time-out), so that the first workers start knowing the engines."""
-        async with contextlib.asynccontextmanager(self.lifecycle)(web.Application()):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2 * self.settings.health_timeout + 1):
-                    await self.checked.wait()
-            yield
-
-    def state(self) -> dict[str, Any]:
-        """What every worker applies: the engines (DNS discovery's, in order), each one's state, and the GPU
-        faults that make the gateway not ready."""
-        engines = [_view(u, self.router.states[u]) for u in self.pool.upstreams]
-        return {"op": "engines", "engines": engines, "gpu_faults": self.health.gpu_faults}
-
-    def observed(self, msg: dict[str, Any]) -> None:
-        """A worker's request met an engine: a failure (a refused connection also marks it down), a success
-        after failures, or the half-open breaker's probe going."""
-        upstream = next((u for u in self.pool.upstreams if u.url == msg["url"]), None)
-        state = self.router.states.get(upstream) if upstream is not None else None
-        if upstream is None or state is None:  # it left the pool meanwhile
-            return
-        if msg["event"] == "failure":
-            if msg["down"]:
-                self.pool.mark_down(upstream, msg["reason"])
-            state.breaker.failure(msg["reason"])
-        elif msg["event"] == "success":
-            state.breaker.success()
-        else:
-            state.breaker.claim(time.monotonic())
-        self.changed()
 
 
 @dataclass
@@ -594,34 +502,3 @@ class ParentLink:
             self._writer.close()
             with contextlib.suppress(ConnectionError):
                 await self._writer.wait_closed()
-
-
-class SharedBreaker(Breaker):
-    """A worker's copy of the parent's breaker of one engine: the worker's outcomes go to the parent, which
-    decides; the state here is the parent's as of its last message.  A success closes it here at once (as it
-    will there) and a probe claimed here counts here at once; a failure counts once the parent answers."""
-
-    __slots__ = ("parent", "upstream")
-
-    def __init__(self, upstream: Upstream, parent: ParentLink, failures: int, cooldown: float) -> None:
-        super().__init__(upstream.name, failures, cooldown)
-        self.upstream = upstream
-        self.parent = parent
-
-    def success(self) -> None:
-        if not self.fails and self.opened_at is None:
-            return  # nothing to reset: nothing to tell
-        self.parent.observed(self.upstream, "success")
-        if self.opened_at is not None:
-            self.recovered_at = time.monotonic()
-        self.fails = 0
-        self.opened_at = self.probe_at = None
-
-    def failure(self, reason: str) -> None:
-        upstream = self.upstream  # a refused connection marked it down here just now, with this reason
-        self.parent.observed(upstream, "failure", reason, down=not upstream.up and upstream.last_error == reason)
-
-    def claim(self, now: float) -> None:
-        if self.opened_at is not None:
-            self.probe_at = now
-            self.parent.observed(self.upstream, "claim")

@@ -26,7 +26,8 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from gateway import logs
 from gateway.access.limits import LocalStore, RedisStore
 from gateway.app import Gateway, drain_on_signal
-from gateway.coordinator import Authority, ParentLink, SharedBreaker, apply_view
+from gateway.coordinator import Authority, ParentLink
+from gateway.enginehost import SharedBreaker, apply_view
 from gateway.listener import ListenError, make_runner, raise_open_files
 from gateway.metrics.merge import Family, families
 from gateway.routing.load import EngineState
@@ -72,7 +73,7 @@ class WorkerGateway(Gateway):
         s = self.settings
         for upstream, state in self.router.states.items():
             if not isinstance(state.breaker, SharedBreaker):
-                state.breaker = SharedBreaker(upstream, self.parent, s.breaker_failures, s.breaker_cooldown)
+                state.breaker = SharedBreaker(upstream, self.parent.observed, s.breaker_failures, s.breaker_cooldown)
 
     def _held(self, state: EngineState) -> None:
         if state.capacity(time.monotonic()):  # its KV room is admitted: the other workers must count these
