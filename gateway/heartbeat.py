@@ -36,7 +36,7 @@ class Heartbeat:
         self.interval = interval
         self.last = start  # when the client last got a byte (its arrival, before any)
         self.response: web.StreamResponse | None = None  # prepared at the first heartbeat
-        self.comment: Callable[[], str] | None = None  # what a beat says now: the state of the wait in progress
+        self.comment: Callable[[], str] | None = None  # what a beat says now: the state of the last wait begun
         self.loop = asyncio.get_running_loop()
         self.waiter = asyncio.current_task()  # the request's task: cancelled when a beat finds the client gone
         self.sending: asyncio.Task[None] | None = None
@@ -49,13 +49,10 @@ class Heartbeat:
         self.last = perf_counter()
 
     async def wait(self, aw: Awaitable[T], comment: Callable[[], str]) -> T:
-        """Await ``aw`` in this task; a beat due meanwhile writes ``: <comment()>``, and a client gone by then
-        cancels this task, as any client that leaves does."""
+        """Await ``aw`` in this task; a beat due meanwhile (or until the next wait) writes ``: <comment()>``, and
+        a client gone by then cancels this task, as any client that leaves does."""
         self.comment = comment
-        try:
-            return await aw
-        finally:
-            self.comment = None
+        return await aw
 
     def stop(self) -> None:
         """Tokens flow, or the request ended: no more beats."""
@@ -82,7 +79,7 @@ class Heartbeat:
 
     def _due(self) -> None:
         self.handle = None
-        if self.comment is None:  # between two waits (microseconds): the next look is an interval on
+        if self.comment is None:  # no wait has begun yet (the first begins as the heartbeat is made)
             self._arm(self.interval)
         elif self.last + self.interval > perf_counter():  # a byte went out meanwhile
             self._arm()
