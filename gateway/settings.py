@@ -484,9 +484,8 @@ class SimSettings(_Options):
     def __post_init__(self) -> None:
         """Refuse at start what would only fail later (a hung engine, a traceback): each rule names the option."""
         modern = self.vllm_compat == "0.33"
-        problems = [
-            f"--{name.replace('_', '-')} must be {rule}"
-            for name, ok, rule in (
+        refuse(
+            (
                 ("port", 0 <= self.port <= 65535, "a port number"),
                 ("max_model_len", self.max_model_len >= 1, "at least 1"),
                 ("max_num_seqs", self.max_num_seqs >= 1, "at least 1"),
@@ -501,7 +500,4 @@ class SimSettings(_Options):
                 ("max_num_queued_reqs", self.max_num_queued_reqs >= 0, "0 (unbounded) or more"),
                 ("max_num_queued_reqs", modern or not self.max_num_queued_reqs, "0 with --vllm-compat 0.11"),
             )
-            if not ok
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
+        )

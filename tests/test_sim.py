@@ -429,6 +429,7 @@ async def test_api_key_guards_v1_only(stack: contextlib.AsyncExitStack, generati
     ("args", "env", "named"),
     [
         (["--itl", "-1"], {}, "--itl must be 0 or more"),
+        ([], {"GATEWAY_SIM_ITL": "-1"}, "GATEWAY_SIM_ITL must be 0 or more (got '-1')"),
         (["--max-num-seqs", "-3"], {}, "--max-num-seqs must be at least 1"),
         (["--max-num-seqs", "0"], {}, "--max-num-seqs must be at least 1"),
         (["--max-model-len", "0"], {}, "--max-model-len must be at least 1"),
