@@ -39,7 +39,7 @@ class Heartbeat:
         self.comment: Callable[[], str] | None = None  # what a beat says now: the state of the last wait begun
         self.loop = asyncio.get_running_loop()
         self.waiter = asyncio.current_task()  # the request's task: cancelled when a beat finds the client gone
-        self.sending: asyncio.Task[None] | None = None
+        self.sending: asyncio.Task[None] | None = None  # the beat being written: held, the loop keeps tasks weakly
         self.stopped = False
         self.handle: asyncio.TimerHandle | None = None
         self._arm()
