@@ -172,6 +172,7 @@ class EngineConnection(asyncio.Protocol):
         self._error: EngineError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Callable[[bytes], bool] | None = None  # while pump() relays the body from data_received
+        self._boundary = False  # llhttp is between two chunks of a chunked body
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -266,6 +267,12 @@ class EngineConnection(asyncio.Protocol):
             self._chunks.append(body)
             self._buffered += len(body)
 
+    def on_chunk_header(self) -> None:
+        self._boundary = False
+
+    def on_chunk_complete(self) -> None:
+        self._boundary = True
+
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
@@ -343,6 +350,25 @@ class EngineConnection(asyncio.Protocol):
                 await self._wait()
         finally:
             self._sink = None
+
+    def hand_over(self, protocol: asyncio.BaseProtocol) -> bool:
+        """Let ``protocol`` take this connection's reads until it calls ``take_back``: only between two chunks of
+        the answer, with nothing buffered, on a plain TCP connection (False, and nothing changes, otherwise)."""
+        transport = self.transport
+        if (
+            transport is None or not self._boundary or self._chunks or self._paused or self._complete
+            or self._error is not None or self.origin.ssl is not None
+        ):  # fmt: skip
+            return False
+        transport.set_protocol(protocol)
+        return True
+
+    def take_back(self, data: bytes | None) -> None:
+        """The reads come here again, from ``data`` (what the other protocol read and did not take) on."""
+        if self.transport is not None:
+            self.transport.set_protocol(self)
+        if data is not None:
+            self.data_received(data)
 
     def _take(self) -> bytes:
         chunks = self._chunks

@@ -167,6 +167,7 @@ def handlers(gw: Gateway) -> list[web.RouteDef]:
                 "leaving": gw.router.leaving(),  # engines removed from the pool, their requests still running
             },
             "upstreams": [{**u.public(), "routing": gw.router.public(u)} for u in gw.pool.upstreams],
+            "relay": gw.proxy.relay.stats(),
             "gpus": gw.gpu.snapshot(),
             "host": gw.host.snapshot(),
         }

@@ -195,7 +195,11 @@ class ClientConnection(RequestHandler):
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
         """A request aiohttp's parser refused (malformed, smuggling): one log line and a JSON 400, not a
-        traceback in the log per request, which a client could send at will."""
+        traceback in the log per request, which a client could send at will.  A client that left while its
+        answer was written: nothing to log (its access log line says 499) and nobody to answer."""
+        if isinstance(exc, ConnectionResetError):
+            self.force_close()
+            return web.Response(status=499)
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
         self._listener.closed("malformed")

@@ -85,7 +85,7 @@ class Proxy:
         self.client = EngineClient(
             settings.upstream_connect_timeout, settings.upstream_read_timeout, settings.upstream_api_key
         )
-        self.relay = relay.Relay(metrics, settings.upstream_read_timeout)
+        self.relay = relay.Relay(metrics, settings.upstream_read_timeout, settings.relay_splice)
         self.access: Access | None = None  # API keys and their limits, when configured
         self.on_finish: list[Callable[[Exchange], None]] = []  # after the metrics: the access log
         # in arrival order, so the first of each is the oldest (gateway_oldest_request_age_seconds)

@@ -16,6 +16,11 @@ from gateway.metrics.gateway import GatewayMetrics
 from gateway.metrics.histogram import HistogramChild
 from gateway.protocol import Generation
 
+try:
+    from gateway._splice import Splice
+except ImportError:  # installed without a C compiler (pyproject.toml): every read takes the Python path
+    Splice = None
+
 log = logging.getLogger("gateway.relay")
 
 SSE = "text/event-stream"
@@ -67,9 +72,14 @@ def comment_blocks(chunk: bytes) -> int:
 class Relay:
     """Writes one engine answer to the client, measuring what the client sees into the exchange."""
 
-    def __init__(self, metrics: GatewayMetrics, read_timeout: float) -> None:
+    def __init__(self, metrics: GatewayMetrics, read_timeout: float, splice: str = "auto") -> None:
         self.metrics = metrics
         self.read_timeout = read_timeout
+        self.native = Splice is not None and splice != "python"  # --relay-splice
+        self.events_in_c = 0  # token events the C splice relayed: /status says whether it is at work
+
+    def stats(self) -> dict[str, str | int]:
+        return {"splice": "c" if self.native else "python", "events_in_c": self.events_in_c}
 
     async def whole(
         self,
@@ -175,7 +185,7 @@ class Relay:
                         beat.stop()
                         beat = None
                     if chunked:
-                        await _splice(request, resp, stream)
+                        await self._splice(request, resp, stream)
                         break
             rest = stream.rest()
             if rest:
@@ -198,6 +208,54 @@ class Relay:
         await out.write_eof()
         return out
 
+    async def _splice(self, request: web.Request, resp: EngineConnection, stream: _Events) -> None:
+        """The rest of a stream, relayed from the engine connection's callback straight to the client's transport
+        in chunked encoding: no task wake-up and no awaited write per event.  The coroutine waits only for the end,
+        for a client that reads slower than the engine writes (reading from the engine pauses meanwhile), or for
+        a client that left.  With the C splice, reads of whole token chunks do not even reach Python: the
+        connection is handed to it between two chunks, and it hands every other read back (gateway/_splice.c)."""
+        transport = request.transport
+        protocol = request.protocol
+        assert transport is not None
+        fast = Splice(transport, resp, lambda data: back(data), resp.loop, stream.itl) if self.native else None
+
+        def sink(data: bytes) -> bool:
+            data = stream.feed(data)
+            if data:
+                if transport.is_closing():
+                    return False  # the client left: the coroutine says so, the connection to the engine closes
+                stream.written += len(data)
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+                if protocol.writing_paused:
+                    return False
+            if fast is not None:
+                enter()
+            return True
+
+        def enter() -> None:
+            if not (stream.carry or stream.held or transport.get_write_buffer_size()) and resp.hand_over(fast):
+                fast.arm(stream.last)
+
+        def back(data: bytes | None) -> None:
+            stream.events += fast.events
+            self.events_in_c += fast.events
+            stream.written += fast.written
+            stream.last = fast.last
+            resp.take_back(data)
+
+        async def drained() -> None:
+            if transport.is_closing():
+                raise ConnectionResetError("the client closed the connection")
+            await request.writer.drain()
+
+        if fast is not None:
+            enter()
+        try:
+            await resp.pump(sink, drained)
+        finally:
+            if fast is not None:
+                fast.close()  # taking the connection back if the client left, or the request was cancelled
+
     def _broken(self, request: web.Request, ex: Exchange, exc: BaseException) -> None:
         if isinstance(exc, EngineAborted):
             ex.error_type = "draining"  # the gateway's own cut, not the engine's failure
@@ -208,33 +266,6 @@ class Relay:
             ex.request_id, request.method, request.path, ex.upstream, exc,
             extra={"request_id": ex.request_id, "upstream": ex.upstream},
         )  # fmt: skip
-
-
-async def _splice(request: web.Request, resp: EngineConnection, stream: _Events) -> None:
-    """The rest of a stream, relayed from the engine connection's callback straight to the client's transport
-    in chunked encoding: no task wake-up and no awaited write per event.  The coroutine waits only for the end,
-    for a client that reads slower than the engine writes (reading from the engine pauses meanwhile), or for
-    a client that left."""
-    transport = request.transport
-    protocol = request.protocol
-    assert transport is not None
-
-    def sink(data: bytes) -> bool:
-        data = stream.feed(data)
-        if data:
-            if transport.is_closing():
-                return False  # the client left: the coroutine says so, the connection to the engine closes
-            stream.written += len(data)
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-            return not protocol.writing_paused
-        return True
-
-    async def drained() -> None:
-        if transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
-        await request.writer.drain()
-
-    await resp.pump(sink, drained)
 
 
 class _Events:

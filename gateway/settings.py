@@ -347,6 +347,11 @@ class Settings(_Options):
     workers: str = option(
         "1", "worker processes serving the port, supervised by one parent; auto = the cores available"
     )
+    relay_splice: str = option(
+        "auto",
+        "the relay's per-token path: auto (in C where it was built), c (refuse to start without it) or python",
+        choices=("auto", "c", "python"),
+    )
 
     def __post_init__(self) -> None:
         """Refuse at start what would only fail later, at 3 a.m.: each rule names the option."""
@@ -401,6 +406,11 @@ class Settings(_Options):
                 ("slow_start", self.slow_start >= 0, "0 (off) or more"),
                 ("dns_interval", self.dns_interval >= 0, "0 (off) or more"),
                 ("dns_server", not self.dns_server or _dns_server_ok(self.dns_server), "an IP address[:PORT]"),
+                (
+                    "relay_splice",
+                    self.relay_splice != "c" or importlib.util.find_spec("gateway._splice") is not None,
+                    "auto or python: this install has no C splice (it was built without a C compiler)",
+                ),
                 *self._upstream_rules(),
             ),
             self._access_problems(),

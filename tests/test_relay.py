@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import struct
+from collections.abc import Iterator
 from time import perf_counter
 from typing import Any
 
@@ -27,6 +29,7 @@ from gateway.metrics.histogram import HistogramChild
 from gateway.relay import _Events
 from gateway.settings import SimSettings
 from gateway.sim.engine import SimEngine, bound_port, serve
+from tests import harness
 from tests.harness import (
     CHAT,
     FAST_SIM,
@@ -48,6 +51,29 @@ from tests.harness import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test here that runs a gateway runs it with each of the relay's per-token paths."""
+    if "stack" in metafunc.fixturenames:
+        metafunc.parametrize("relay_splice", ["c", "python"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A client that leaves is the access log's 499, never a traceback from aiohttp's server in the log."""
+    yield
+    errors = [r.getMessage() for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.ERROR]
+    assert not errors, errors
+
+
+@pytest.fixture(autouse=True)
+def relay_splice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """--relay-splice for the gateways the test starts."""
+    mode = getattr(request, "param", "auto")
+    monkeypatch.setitem(harness.FAST_GATEWAY, "relay_splice", mode)
+    return mode
+
 
 TOKENS = 20_000  # about 4 MB of events: far more than the sockets' buffers between the gateway and the client
 ENDLESS = 500_000  # a stream the engine cannot finish before the test is done with it
@@ -722,3 +748,25 @@ async def test_a_stream_whose_200_a_heartbeat_sent_is_relayed_whole_once_tokens_
     assert value(text, "gateway_completion_tokens_sum", model=MODEL) == 5000
     assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == 4999
     assert value(text, "gateway_requests_total", model=MODEL, status="200") == 1
+
+
+async def test_status_says_which_path_relayed_the_tokens(stack: contextlib.AsyncExitStack, relay_splice: str) -> None:
+    """With the C splice, the tokens between the first and the last pass through C (their inter-token gaps
+    observed there too); the first event, the terminal chunk, the usage chunk and [DONE] through Python."""
+    sim = await sim_in(stack, itl=0.0005)
+    gw = await gateway_in(stack, [sim.url])
+    client = await client_in(stack, gw)
+    tokens = 400
+    stream = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=tokens, stream=True)
+    assert len([chunk async for chunk in stream if chunk.choices and chunk.choices[0].delta.content]) == tokens
+    await settled(gw, sim)
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/status") as r:
+        relay = (await r.json())["relay"]
+    assert relay["splice"] == relay_splice
+    if relay_splice == "c":
+        assert 0 < relay["events_in_c"] < tokens
+    else:
+        assert relay["events_in_c"] == 0
+    text = await gw.metrics()
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == tokens - 1
+    assert value(text, "gateway_inter_token_latency_seconds_sum", model=MODEL) > 0
