@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -770,3 +771,25 @@ async def test_status_says_which_path_relayed_the_tokens(stack: contextlib.Async
     text = await gw.metrics()
     assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == tokens - 1
     assert value(text, "gateway_inter_token_latency_seconds_sum", model=MODEL) > 0
+
+
+async def test_requests_leave_no_cyclic_garbage_of_the_gateways(stack: contextlib.AsyncExitStack) -> None:
+    """What a request made is freed when it ends, by reference counting: the gateway raises the collector's
+    thresholds (gateway/app.py) because no collection is needed for it, streamed or not, relayed in C or not."""
+    sim = await sim_in(stack, itl=0.0)
+    gw = await gateway_in(stack, [sim.url])
+    client = await client_in(stack, gw)
+    gc.collect()
+    for _ in range(5):
+        stream = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=300, stream=True)
+        assert len([chunk async for chunk in stream]) > 300
+        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+    await settled(gw, sim)
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        ours = sorted({type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("gateway.")})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []
