@@ -77,7 +77,7 @@ static int whole_token_chunks(const char *p, Py_ssize_t len, Py_ssize_t *events,
         /* no size, chunk extensions, a partial head or the last chunk: the Python path's */
         if (digits == 0 || size == 0 || len - pos < 2 || p[pos] != '\r' || p[pos + 1] != '\n') return 0;
         pos += 2;
-        if ((size_t)(len - pos) < size + 2) return 0; /* the chunk is not complete in this read */
+        if ((size_t)(len - pos) < 2 || (size_t)(len - pos) - 2 < size) return 0; /* not complete in this read */
         const char *chunk = p + pos;
         if (chunk[size] != '\r' || chunk[size + 1] != '\n') return 0;
         if (size < 2 || chunk[size - 2] != '\n' || chunk[size - 1] != '\n') return 0; /* an event left open */
@@ -98,7 +98,8 @@ static double perf_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* ``times`` observations of ``value``: HistogramChild.observe's bisect_left, in C. */
+/* ``times`` observations of ``value``: HistogramChild.observe's bisect_left, in C.  The count is changed last,
+ * once the sum was: a failure to read or set the sum leaves the histogram as it was. */
 static int observe(Splice *self, double value, Py_ssize_t times) {
     Py_ssize_t lo = 0, hi = self->nbounds;
     while (lo < hi) {
@@ -106,24 +107,36 @@ static int observe(Splice *self, double value, Py_ssize_t times) {
         if (self->bounds[mid] < value) lo = mid + 1;
         else hi = mid;
     }
-    PyObject *old = PyList_GET_ITEM(self->counts, lo);
-    long long was = PyLong_AsLongLong(old);
+    PyObject *counts = self->counts;
+    if (lo >= PyList_GET_SIZE(counts)) goto resized;
+    long long was = PyLong_AsLongLong(PyList_GET_ITEM(counts, lo));
     if (was == -1 && PyErr_Occurred()) return -1;
     PyObject *now = PyLong_FromLongLong(was + times);
     if (now == NULL) return -1;
-    PyList_SET_ITEM(self->counts, lo, now);
+    if (value != 0.0) {
+        PyObject *sum = PyObject_GetAttr(self->child, s_sum);
+        double total = sum == NULL ? -1.0 : PyFloat_AsDouble(sum);
+        Py_XDECREF(sum);
+        PyObject *updated = total == -1.0 && PyErr_Occurred() ? NULL
+                                                               : PyFloat_FromDouble(total + value * (double)times);
+        int rc = updated == NULL ? -1 : PyObject_SetAttr(self->child, s_sum, updated);
+        Py_XDECREF(updated);
+        if (rc < 0) {
+            Py_DECREF(now);
+            return -1;
+        }
+    }
+    if (lo >= PyList_GET_SIZE(counts)) { /* (emptied by code the sum's attribute ran) */
+        Py_DECREF(now);
+        goto resized;
+    }
+    PyObject *old = PyList_GET_ITEM(counts, lo);
+    PyList_SET_ITEM(counts, lo, now);
     Py_DECREF(old);
-    if (value == 0.0) return 0;
-    PyObject *sum = PyObject_GetAttr(self->child, s_sum);
-    if (sum == NULL) return -1;
-    double total = PyFloat_AsDouble(sum);
-    Py_DECREF(sum);
-    if (total == -1.0 && PyErr_Occurred()) return -1;
-    PyObject *updated = PyFloat_FromDouble(total + value * (double)times);
-    if (updated == NULL) return -1;
-    int rc = PyObject_SetAttr(self->child, s_sum, updated);
-    Py_DECREF(updated);
-    return rc;
+    return 0;
+resized: /* the list was changed in place since __init__ checked its size */
+    PyErr_SetString(PyExc_RuntimeError, "itl.counts: one count per bound and +Inf's expected");
+    return -1;
 }
 
 static PyObject *hand_back(Splice *self, PyObject *data) {
@@ -132,7 +145,10 @@ static PyObject *hand_back(Splice *self, PyObject *data) {
         PyErr_SetString(PyExc_RuntimeError, "the splice is closed");
         return NULL;
     }
-    return PyObject_CallOneArg(self->back, data);
+    PyObject *back = Py_NewRef(self->back); /* held for the call: back() may close the splice */
+    PyObject *r = PyObject_CallOneArg(back, data);
+    Py_DECREF(back);
+    return r;
 }
 
 /* Whether the client's transport can take a write now without buffering it: open, nothing unsent. */
@@ -150,8 +166,6 @@ static int client_ready(Splice *self) {
     return unsent == 0;
 }
 
-static int Splice_clear(Splice *self);
-
 static PyObject *Splice_data_received(Splice *self, PyObject *data) {
     Py_ssize_t events = 0, payload = 0;
     if (!self->active || !PyBytes_CheckExact(data) ||
@@ -163,12 +177,12 @@ static PyObject *Splice_data_received(Splice *self, PyObject *data) {
     PyObject *r = PyObject_CallOneArg(self->write, data);
     if (r == NULL) return NULL;
     Py_DECREF(r);
-    double now = perf_now();
-    if (observe(self, now - self->last, 1) < 0) return NULL;
-    if (events > 1 && observe(self, 0.0, events - 1) < 0) return NULL; /* events that arrived together */
-    self->last = now;
+    double now = perf_now(), gap = now - self->last;
+    self->last = now; /* counted first: the read was written, whatever fails after */
     self->events += events;
     self->written += payload;
+    if (observe(self, gap, 1) < 0) return NULL;
+    if (events > 1 && observe(self, 0.0, events - 1) < 0) return NULL; /* events that arrived together */
     r = PyObject_CallNoArgs(self->time);
     if (r == NULL) return NULL;
     int rc = PyObject_SetAttr(self->owner, s_waiting_since, r);
@@ -178,6 +192,10 @@ static PyObject *Splice_data_received(Splice *self, PyObject *data) {
 }
 
 static PyObject *Splice_arm(Splice *self, PyObject *arg) {
+    if (self->back == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the splice is closed");
+        return NULL;
+    }
     double last = PyFloat_AsDouble(arg);
     if (last == -1.0 && PyErr_Occurred()) return NULL;
     self->last = last;
@@ -186,17 +204,19 @@ static PyObject *Splice_arm(Splice *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* The splice is over: the connection handed back if it is still taken here, and every reference let go (the
- * ``back`` callback refers to this object: no cycle is left for the garbage collector). */
+/* The splice is over: the connection handed back if it is still taken here, and ``back`` let go (it refers to
+ * this object: no cycle is left for the garbage collector).  The other references stay until the object goes:
+ * a call of this object's still running (the transport's, or a close from within one) goes on with them. */
 static PyObject *Splice_close(Splice *self, PyObject *Py_UNUSED(ignored)) {
     PyObject *r = self->active ? hand_back(self, Py_None) : Py_NewRef(Py_None);
-    Splice_clear(self);
+    Py_CLEAR(self->back);
+    self->active = 0; /* (re-armed by back() meanwhile or not) */
     return r;
 }
 
 /* The transport's other calls: the Python protocol takes the connection back first, then gets the call. */
 static PyObject *delegate(Splice *self, PyObject *name, PyObject *arg) {
-    if (self->owner == NULL) {
+    if (self->back == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the splice is closed");
         return NULL;
     }
@@ -302,6 +322,7 @@ static int Splice_clear(Splice *self) {
     Py_CLEAR(self->back);
     Py_CLEAR(self->child);
     Py_CLEAR(self->counts);
+    self->active = 0;
     return 0;
 }
 

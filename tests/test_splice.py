@@ -189,6 +189,72 @@ def test_close_hands_back_once_and_lets_go() -> None:
     assert rig.back == [None]
 
 
+def test_a_closed_or_never_initialised_splice_cannot_be_armed() -> None:
+    rig = Rig()
+    rig.splice.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        rig.splice.arm(1.0)
+    with pytest.raises(RuntimeError, match="closed"):
+        Splice.__new__(Splice).arm(1.0)
+
+
+@pytest.mark.parametrize("where", ["is_closing", "write", "time"])
+def test_a_close_from_within_a_call_the_splice_makes_lets_the_read_finish(where: str) -> None:
+    rig = Rig()
+    target: Any = rig.clock if where == "time" else rig.out
+    call = getattr(target, where)
+
+    def closing(*args: Any) -> Any:
+        splice.close()
+        return call(*args)
+
+    setattr(target, where, closing)
+    splice = Splice(rig.out, rig.owner, rig.back.append, rig.clock, rig.itl)
+    splice.arm(1.0)
+    splice.data_received(chunk(TOKEN))
+    assert rig.back == [None] and rig.out.written == [chunk(TOKEN)] and splice.events == 1
+    assert sum(rig.itl.counts) == 1 and not splice.active
+
+
+def test_a_close_from_within_back_still_passes_the_transports_call_on() -> None:
+    rig = Rig()
+
+    def back(data: bytes | None) -> None:
+        rig.back.append(data)
+        splice.close()
+
+    splice = Splice(rig.out, rig.owner, back, rig.clock, rig.itl)
+    splice.arm(1.0)
+    splice.connection_lost(None)
+    assert rig.back == [None] and rig.owner.calls == [("connection_lost", None)]
+
+
+def test_counts_shortened_in_place_are_refused_not_written_past() -> None:
+    rig = Rig()
+    rig.itl.counts.clear()
+    with pytest.raises(RuntimeError, match="counts"):
+        rig.splice.data_received(chunk(TOKEN))
+    assert rig.splice.events == 1  # written: counted for the stream, whatever the histogram
+
+
+def test_an_observation_that_fails_leaves_the_histogram_as_it_was() -> None:
+    class NoSum(HistogramChild):
+        __slots__ = ()
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "sum":
+                raise ValueError("no sum")
+            return object.__getattribute__(self, name)
+
+    rig = Rig()
+    itl = NoSum((0.001, 0.01, 0.1, 1.0))
+    splice = Splice(rig.out, rig.owner, rig.back.append, rig.clock, itl)
+    splice.arm(1.0)
+    with pytest.raises(ValueError, match="no sum"):
+        splice.data_received(chunk(TOKEN))
+    assert itl.counts == [0] * 5 and splice.events == 1
+
+
 def test_only_a_histogram_child_is_taken_for_the_gaps() -> None:
     child = HistogramChild((0.1, 1.0))
     child.counts = [0, 0]  # one count short of the bounds and +Inf
