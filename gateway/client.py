@@ -351,6 +351,11 @@ class EngineConnection(asyncio.Protocol):
         finally:
             self._sink = None
 
+    @property
+    def complete(self) -> bool:
+        """The whole answer has been read (some of it may still be buffered here)."""
+        return self._complete
+
     def hand_over(self, protocol: asyncio.BaseProtocol) -> bool:
         """Let ``protocol`` take this connection's reads until it calls ``take_back``: only between two chunks of
         the answer, with nothing buffered, on a plain TCP connection (False, and nothing changes, otherwise)."""

@@ -187,10 +187,8 @@ class Relay:
                     if chunked:
                         await self._splice(request, resp, stream)
                         break
-            rest = stream.rest()
-            if rest:
-                stream.written += len(rest)
-                await out.write(rest)
+            rest = stream.rest()  # written with the chunked body's end: one write
+            stream.written += len(rest)
         except EngineError as exc:
             # The engine died mid-stream.  vLLM reports its own mid-stream failures as an error event
             # followed by [DONE]; do the same, so OpenAI clients raise instead of ending quietly.
@@ -205,7 +203,7 @@ class Relay:
         if ex.completion_tokens is None:
             ex.completion_tokens = stream.events
         ex.bytes_out = stream.written
-        await out.write_eof()
+        await out.write_eof(rest)
         return out
 
     async def _splice(self, request: web.Request, resp: EngineConnection, stream: _Events) -> None:
@@ -224,6 +222,9 @@ class Relay:
             if data:
                 if transport.is_closing():
                     return False  # the client left: the coroutine says so, the connection to the engine closes
+                if resp.complete:  # the answer's last read: it goes out with the chunked body's end
+                    stream.tail = data
+                    return True
                 stream.written += len(data)
                 transport.write(b"%x\r\n%b\r\n" % (len(data), data))
                 if protocol.writing_paused:
@@ -273,7 +274,7 @@ class _Events:
     events counted and timed (comments, role chunks and error events are not tokens), the usage chunk read
     and taken out when the gateway asked for it, terminal chunks held until it comes."""
 
-    __slots__ = ("carry", "events", "ex", "held", "itl", "last", "strip", "written")
+    __slots__ = ("carry", "events", "ex", "held", "itl", "last", "strip", "tail", "written")
 
     def __init__(self, itl: HistogramChild, strip: bool, ex: Exchange) -> None:
         self.itl = itl
@@ -281,6 +282,7 @@ class _Events:
         self.ex = ex
         self.carry = b""  # an event not complete yet
         self.held = b""  # terminal events of a stream whose usage chunk the gateway takes out, until it arrives
+        self.tail = b""  # the last events, relayed with the end of the body
         self.last = 0.0  # when the last content event arrived; 0 before the first
         self.events = 0
         self.written = 0
@@ -353,9 +355,9 @@ class _Events:
         return chunk
 
     def rest(self) -> bytes:
-        """At the end of the answer: what was held back or never completed, as it is."""
-        rest = self.held + self.carry
-        self.held = self.carry = b""
+        """At the end of the answer: the last events, and what was held back or never completed, as it is."""
+        rest = self.tail + self.held + self.carry
+        self.tail = self.held = self.carry = b""
         return rest
 
     def _take_usage(self, chunk: bytes) -> bytes:
