@@ -793,3 +793,31 @@ async def test_requests_leave_no_cyclic_garbage_of_the_gateways(stack: contextli
         gc.set_debug(0)
         gc.garbage.clear()
     assert ours == []
+
+
+async def test_the_served_gateway_relays_the_engines_stream_byte_for_byte(
+    stack: contextlib.AsyncExitStack, relay_splice: str
+) -> None:
+    """``glm-gateway serve`` as a process, on uvloop as deployed (the tests above run the gateway on the test's
+    asyncio loop): a long stream reaches the client as the engine sent it, through the C splice or not."""
+    sim = await sim_in(stack, itl=0.0)
+    port = free_port()
+    gw = Process(
+        "serve", "--host", "127.0.0.1", "--port", str(port), "--upstream", sim.url, "--relay-splice", relay_splice,
+        "--access-log", "off", "--health-interval", "0.1",
+    )  # fmt: skip
+    stack.callback(gw.stop)
+    url = f"http://127.0.0.1:{port}"
+    await asyncio.to_thread(wait_http, url + "/health/ready")
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 3000, "stream": True}
+    headers = {"X-Request-Id": "same-stream"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(sim.url + CHAT, json=body, headers=headers) as r:
+            direct = await r.read()
+        async with s.post(url + CHAT, json=body, headers=headers) as r:
+            relayed = await r.read()
+        async with s.get(url + "/status") as r:
+            relay = (await r.json())["relay"]
+    assert created_anytime(relayed) == created_anytime(direct)
+    assert relay["splice"] == relay_splice
+    assert (relay["events_in_c"] > 0) == (relay_splice == "c")
