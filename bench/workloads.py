@@ -472,7 +472,8 @@ async def _big_requests(
 async def big_body_latency(ctx: Ctx) -> Result:
     o = ctx.options
     body = big_body(o.big_body_chars)
-    sim = {**FAST_SIM, "max_model_len": 4 * 1048576}
+    # a KV cache that holds the ~1M-token prompt: the gateway refuses (400) what no engine's cache can hold
+    sim = {**FAST_SIM, "max_model_len": 4 * 1048576, "kv_cache_tokens": 4 * 1048576}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     with services(ctx, sim) as procs:
         async with client.session() as http:
@@ -498,13 +499,15 @@ async def big_body_latency(ctx: Ctx) -> Result:
     growth = {
         n: max((r["peak_rss_growth_bytes"] or 0 for r in runs[n]), default=0) / len(body) for n in ("nginx", "gateway")
     }
-    ok = all(s == 200 for n in CONFIGS for r in runs[n] for s in r["statuses"])
+    refused = sorted({f"{n} {s}" for n in CONFIGS for r in runs[n] for s in r["statuses"] if s != 200})
+    ok = not refused
     mb = len(body) / 1e6
+    answered = "" if ok else f"; not answered 200: {', '.join(refused)}"
     rows = [
-        Row(5, f"latency, {mb:.1f} MB chat body (value: gateway added)", "ms", *lat.values(), added, "≤ 30 ms",
-            added <= 30 and ok),
+        Row(5, f"latency, {mb:.1f} MB chat body (value: gateway added)", "ms", *lat.values(), added,
+            "≤ 30 ms" + answered, added <= 30 and ok),
         Row(5, f"peak RSS growth / body size, {mb:.1f} MB body", "× body", None, growth["nginx"],
-            growth["gateway"], growth["gateway"], "≤ 3 × body", growth["gateway"] <= 3),
+            growth["gateway"], growth["gateway"], "≤ 3 × body" + answered, growth["gateway"] <= 3 and ok),
     ]  # fmt: skip
     params = {"body_bytes": len(body), "characters": o.big_body_chars, "all_200": ok, "sim": sim}
     return Result(5, f"one {mb:.1f} MB chat body (Chinese, ~{o.big_body_chars // 2:,} tokens)", params, runs, rows)

@@ -36,6 +36,7 @@ def test_quick_bench_writes_every_workload(tmp_path: Path) -> None:
         assert workload["rows"], f"workload {number} has no rows"
         assert all(runs for runs in workload["runs"].values()), f"workload {number} has a config without runs"
     assert doc["machine"]["cpu_model"] and doc["versions"]["nginx"] and doc["versions"]["wrk"]
+    assert doc["workloads"]["5"]["params"]["all_200"], "the large body was not answered 200 by every configuration"
     _several_engines_and_workers(doc["workloads"])
 
 
