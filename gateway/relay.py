@@ -215,7 +215,16 @@ class Relay:
         transport = request.transport
         protocol = request.protocol
         assert transport is not None
-        fast = Splice(transport, resp, lambda data: back(data), resp.loop, stream.itl) if self.native else None
+
+        def back(data: bytes | None) -> None:
+            """The C splice hands the connection back: what it relayed is counted, ``data`` read here."""
+            stream.events += fast.events
+            self.events_in_c += fast.events
+            stream.written += fast.written
+            stream.last = fast.last
+            resp.take_back(data)
+
+        fast = Splice(transport, resp, back, resp.loop, stream.itl) if self.native else None
 
         def sink(data: bytes) -> bool:
             data = stream.feed(data)
@@ -236,13 +245,6 @@ class Relay:
         def enter() -> None:
             if not (stream.carry or stream.held or transport.get_write_buffer_size()) and resp.hand_over(fast):
                 fast.arm(stream.last)
-
-        def back(data: bytes | None) -> None:
-            stream.events += fast.events
-            self.events_in_c += fast.events
-            stream.written += fast.written
-            stream.last = fast.last
-            resp.take_back(data)
 
         async def drained() -> None:
             if transport.is_closing():
