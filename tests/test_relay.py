@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -821,3 +822,158 @@ async def test_the_served_gateway_relays_the_engines_stream_byte_for_byte(
     assert created_anytime(relayed) == created_anytime(direct)
     assert relay["splice"] == relay_splice
     assert (relay["events_in_c"] > 0) == (relay_splice == "c")
+
+
+# -- the hand-over between the C splice and the Python path, at every kind of read boundary ------------------
+
+
+def split_stream(tokens: int) -> tuple[bytes, list[bytes]]:
+    """A chat answer as vLLM sends it, with the usage chunk: the response head and its HTTP chunks, one per event
+    (the role chunk, ``tokens`` token chunks, the terminal chunk, the usage chunk, [DONE]) and the last chunk."""
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk = {"id": "chatcmpl-split", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+        return b"data: " + json.dumps({**chunk, "choices": choices, **extra}, separators=(",", ":")).encode() + b"\n\n"
+
+    def choice(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    events = [event([choice({"role": "assistant", "content": ""}, None)])]
+    events += [event([choice({"content": f"w{i} "}, None)]) for i in range(tokens)]
+    events.append(event([choice({"content": ""}, "stop")]))
+    events.append(event([], usage={"prompt_tokens": 9, "completion_tokens": tokens, "total_tokens": 9 + tokens}))
+    events.append(DONE)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head, [b"%x\r\n%b\r\n" % (len(e), e) for e in events] + [b"0\r\n\r\n"]
+
+
+def split_plans(head: bytes, chunks: list[bytes], seed: int, count: int) -> list[tuple[str, list[int]]]:
+    """Ways to cut the answer into reads (the offsets where one read ends and the next begins): hand-written ones,
+    each cutting every chunk at one kind of place (a read boundary exactly where the C splice takes the connection
+    or hands it back), then ``count`` drawn with ``random.Random(seed)``."""
+    starts = [len(head)]
+    for chunk in chunks:
+        starts.append(starts[-1] + len(chunk))
+    total = starts.pop()
+    spots: dict[str, list[int]] = {}  # each kind of place, in every chunk
+    for start, chunk in zip(starts, chunks, strict=True):
+        digits = chunk.index(b"\r\n")
+        payload = len(chunk) - digits - 4
+        at = start + digits + 2  # the payload's first byte
+        for name, offset in [
+            ("a chunk's start", start),
+            ("inside the size", start + 1),
+            ("between the size and its CR", start + digits),
+            ("inside the size line's CRLF", start + digits + 1),
+            ("between the size line and the payload", at),
+            ("inside the payload", at + payload // 2),
+            ("inside the event's blank line", at + payload - 1),
+            ("between the payload and its CRLF", at + payload),
+            ("inside the payload's CRLF", at + payload + 1),
+        ]:
+            spots.setdefault(name, []).append(offset)
+    plans: list[tuple[str, list[int]]] = [("the whole answer in one read", [])]
+    plans += [(f"every chunk cut at {name}", offsets) for name, offsets in spots.items()]
+    plans += [(f"every chunk cut at its start and at {name}", spots["a chunk's start"] + offsets)
+              for name, offsets in spots.items() if name != "a chunk's start"]  # fmt: skip
+    for every in (2, 3, 7):
+        plans.append((f"{every} chunks a read", starts[::every]))
+        plans.append((f"{every} chunks a read, from inside a payload", spots["inside the payload"][::every]))
+    plans.append(("the head cut, then whole chunks", [len(head) // 2, *starts[1:]]))
+    plans.append(("the head with the role chunk, then whole chunks", starts[1:]))
+    plans.append(("whole chunks and half chunks by turns",
+                  [*starts, *spots["inside the payload"][1::2]]))  # fmt: skip
+    near = [s + d for s in [*starts[1:5], *starts[-6:]] for d in range(-3, 7)]  # every byte around hand-overs
+    plans.append(("every byte around the first and the last chunks' edges", [*near, *starts]))
+    plans.append(("every byte of the last five chunks", list(range(starts[-5], total))))
+    rng = random.Random(seed)
+    edges = sorted({o for offsets in spots.values() for o in offsets})
+    for i in range(count):
+        anywhere = rng.sample(range(1, total), rng.randint(1, 25))
+        at_edges = rng.sample(edges, rng.randint(0, 25))
+        size = rng.randint(1, total)  # reads of one size, as a socket buffer's, for some of them
+        sized = list(range(rng.randrange(size), total, size)) if i % 3 == 0 else []
+        plans.append((f"drawn {i}", [*anywhere, *at_edges, *sized]))
+    return [(name, sorted({c for c in cuts if 0 < c < total})) for name, cuts in plans]
+
+
+async def split_engine(
+    stack: contextlib.AsyncExitStack, response: bytes, plans: list[tuple[str, list[int]]]
+) -> tuple[str, list[str]]:
+    """A raw engine: the health checks' and scrapes' answers (bench/engine.py's), and every streamed chat request
+    answered with ``response`` written in the pieces of the next plan, each read by the gateway on its own (mostly:
+    the kernel may merge some).  Connections are kept alive.  Returns its URL and the names of the plans used."""
+    from bench.engine import HEALTH, METRICS, MODELS, NOT_FOUND
+
+    used: list[str] = []
+    pending = list(plans)
+
+    async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"\r\ncontent-length:[ \t]*(\d+)", head, re.IGNORECASE)
+                body = await reader.readexactly(int(length[1]) if length else 0)
+                method, path = head.split(b" ", 2)[:2]
+                path = path.split(b"?")[0]
+                if method == b"POST" and path == CHAT.encode():
+                    assert b'"stream":true' in body.replace(b" ", b""), body
+                    name, cuts = pending.pop(0)
+                    used.append(name)
+                    for a, b in zip([0, *cuts], [*cuts, len(response)], strict=True):
+                        writer.write(response[a:b])
+                        await writer.drain()
+                        await asyncio.sleep(0.001)  # the gateway reads the piece before the next comes
+                else:
+                    writer.write({b"/health": HEALTH, b"/v1/models": MODELS, b"/metrics": METRICS}.get(path, NOT_FOUND))
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve_connection, "127.0.0.1", 0)
+    stack.push_async_callback(server.wait_closed)
+    stack.callback(server.close)
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", used
+
+
+async def test_the_relayed_stream_does_not_depend_on_where_the_engines_reads_hand_over_to_c(
+    stack: contextlib.AsyncExitStack, relay_splice: str
+) -> None:
+    """A real gateway in front of an engine whose chunked answer arrives in pieces cut anywhere: in a chunk's size
+    line, between it and the payload, in the payload, before its CRLF, several chunks a read.  Between two chunks
+    the connection goes to the C splice, and any read that is not whole token chunks comes back to Python: the
+    client gets every event exactly as the engine sent it, and every token is counted once.  The plans are
+    hand-written ones, then 40 drawn from a seeded ``random.Random`` (a loop, not hypothesis: one gateway and one
+    engine serve them all)."""
+    tokens = 40
+    head, chunks = split_stream(tokens)
+    response = head + b"".join(chunks)
+    plans = split_plans(head, chunks, seed=20261202, count=40)
+    url, used = await split_engine(stack, response, plans)
+    gw = await gateway_in(stack, [url])
+    host, port = gw.url.removeprefix("http://").split(":")
+    sent = dechunk(b"".join(chunks))
+    for name, cuts in plans:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request("1.1", tokens, stream_options={"include_usage": True}))
+        answer, _, raw = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), (name, answer)
+        assert dechunk(raw) == sent, f"plan {name!r}: reads cut at {cuts} of {response!r}"
+    assert used == [name for name, _ in plans]
+    await settled(gw)
+    text = await gw.metrics()
+    assert value(text, "gateway_requests_total", model=MODEL, status="200") == len(plans)
+    assert value(text, "gateway_request_errors_total") == 0
+    assert value(text, "gateway_completion_tokens_sum", model=MODEL) == tokens * len(plans)
+    # each answer's events less its first: the tokens and the terminal chunk (the role chunk is none)
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == tokens * len(plans)
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/status") as r:
+        relay = (await r.json())["relay"]
+    assert relay["splice"] == relay_splice
+    if relay_splice == "c":
+        assert relay["events_in_c"] > 0
+    else:
+        assert relay["events_in_c"] == 0
