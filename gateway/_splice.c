@@ -139,12 +139,16 @@ resized: /* the list was changed in place since __init__ checked its size */
     return -1;
 }
 
+/* 0 while the splice is open; -1 with RuntimeError once close() has let go of ``back``: nothing runs after it. */
+static int check_open(Splice *self) {
+    if (self->back != NULL) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "the splice is closed");
+    return -1;
+}
+
 static PyObject *hand_back(Splice *self, PyObject *data) {
     self->active = 0;
-    if (self->back == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "the splice is closed");
-        return NULL;
-    }
+    if (check_open(self) < 0) return NULL;
     PyObject *back = Py_NewRef(self->back); /* held for the call: back() may close the splice */
     PyObject *r = PyObject_CallOneArg(back, data);
     Py_DECREF(back);
@@ -192,10 +196,7 @@ static PyObject *Splice_data_received(Splice *self, PyObject *data) {
 }
 
 static PyObject *Splice_arm(Splice *self, PyObject *arg) {
-    if (self->back == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "the splice is closed");
-        return NULL;
-    }
+    if (check_open(self) < 0) return NULL;
     double last = PyFloat_AsDouble(arg);
     if (last == -1.0 && PyErr_Occurred()) return NULL;
     self->last = last;
@@ -216,10 +217,7 @@ static PyObject *Splice_close(Splice *self, PyObject *Py_UNUSED(ignored)) {
 
 /* The transport's other calls: the Python protocol takes the connection back first, then gets the call. */
 static PyObject *delegate(Splice *self, PyObject *name, PyObject *arg) {
-    if (self->back == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "the splice is closed");
-        return NULL;
-    }
+    if (check_open(self) < 0) return NULL;
     if (self->active) {
         PyObject *r = hand_back(self, Py_None);
         if (r == NULL) return NULL;
