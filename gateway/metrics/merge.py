@@ -44,6 +44,11 @@ def parents_series(name: str) -> bool:
     return name in _PARENTS or name.startswith(_HOST)
 
 
+def _key(sample: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """One sample's identity across workers: its name and its labels in order."""
+    return sample, tuple(sorted(labels.items()))
+
+
 class Merged:
     """The gateway_* series of every worker: counters and histograms summed, gauges summed or the largest."""
 
@@ -59,7 +64,7 @@ class Merged:
             values = self.values.setdefault(name, {})
             summed = kind in _ADDITIVE or name in _SUMMED_GAUGES
             for sample, labels, value in samples:
-                key = (sample, tuple(sorted(labels.items())))
+                key = _key(sample, labels)
                 old = values.get(key)
                 if old is None:
                     values[key] = value
@@ -72,7 +77,7 @@ class Merged:
         """Families taken as they are (the parent's own), in place of any the workers sent."""
         for name, kind, doc, samples in fams:
             self.meta[name] = (kind, doc)
-            self.values[name] = {(sample, tuple(sorted(labels.items()))): value for sample, labels, value in samples}
+            self.values[name] = {_key(sample, labels): value for sample, labels, value in samples}
 
     def families(self) -> list[Family]:
         return [
