@@ -73,6 +73,29 @@ def _grant_line(ask: int, waited: float, levels: Sequence[float], cost: int, key
                                                 key.encode())  # fmt: skip
 
 
+class Outbox:
+    """The frames for one peer in this turn of the event loop, written at its end in one write: one system call
+    here and one wake-up there.  ``wake`` asks for the end of the turn (an ``AtTurnEnd``), which calls ``flush``."""
+
+    __slots__ = ("frames", "wake", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter, wake: Callable[[], None]) -> None:
+        self.writer = writer
+        self.wake = wake
+        self.frames: list[bytes] = []
+
+    def put(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.wake()
+
+    def flush(self) -> None:
+        if self.frames:
+            data = b"".join(self.frames)
+            self.frames.clear()
+            if not self.writer.is_closing():
+                self.writer.write(data)
+
+
 @dataclass
 class WorkerLink:
     """One worker's connection to the parent: what it holds and waits for, for a clean-up when it dies."""
@@ -80,29 +103,19 @@ class WorkerLink:
     index: int
     pid: int
     writer: asyncio.StreamWriter
-    wake: Callable[[], None]  # the parent writes what was sent to it at the end of this turn of its loop
+    outbox: Outbox  # what the parent sends it, written at the end of each turn of the parent's loop
     admitted: int = 0  # slots granted to it: how much it has served
     held: Counter[tuple[int, str]] = field(default_factory=Counter)
     waiting: dict[int, asyncio.Task[float]] = field(default_factory=dict)
     snapshots: dict[int, asyncio.Future[list[Family]]] = field(default_factory=dict)
     last: list[Family] = field(default_factory=list)  # its series at the last scrape
     tokens: dict[str, int] = field(default_factory=dict)  # engine URL -> its tokens in flight there, last said
-    frames: list[bytes] = field(default_factory=list)  # sent to it in this turn of the parent's loop
 
     def send(self, message: dict[str, Any]) -> None:
         self.write(_frame(message))
 
     def write(self, frame: bytes) -> None:
-        self.frames.append(frame)
-        self.wake()
-
-    def flush(self) -> None:
-        """This turn's messages in one write: one system call here and one wake-up of the worker."""
-        if self.frames:
-            data = b"".join(self.frames)
-            self.frames.clear()
-            if not self.writer.is_closing():
-                self.writer.write(data)
+        self.outbox.put(frame)
 
 
 class Authority:
@@ -163,7 +176,7 @@ class Authority:
                     link.write(frame)
         self._moved.clear()
         for link in self.links.values():
-            link.flush()
+            link.outbox.flush()
 
     def _state(self) -> dict[str, Any]:
         return self.host.state() | {"held": self._held()}
@@ -187,7 +200,7 @@ class Authority:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = json.loads(await reader.readline())
-        link = WorkerLink(hello["index"], hello["pid"], writer, self._wake)
+        link = WorkerLink(hello["index"], hello["pid"], writer, Outbox(writer, self._wake))
         self.links[link.index] = link
         link.send(self._state())  # before it takes connections, a worker knows the engines
         self.connected(link.index)
@@ -353,11 +366,12 @@ class ParentLink:
         self.on_tokens: Callable[[dict[str, dict[str, int]]], None] | None = None
         self.tokens: Callable[[], dict[str, int]] = dict  # engine URL -> this worker's tokens in flight there
         self._tokens_due = False
-        self._frames: list[bytes] = []  # sent in this turn of the loop, written at its end
+        self._outbox: Outbox | None = None  # what is sent to the parent, written at the end of this turn
         self._wake = AtTurnEnd(self._flush)
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
+        self._outbox = Outbox(self._writer, self._wake)
         self._send({"index": self.index, "pid": os.getpid()})
         self._reader_task = asyncio.create_task(self._read(reader), name="coordination")
 
@@ -365,19 +379,17 @@ class ParentLink:
         self._put(_frame(message))
 
     def _put(self, frame: bytes) -> None:
-        self._frames.append(frame)
-        self._wake()
+        assert self._outbox is not None, "not connected to the parent"
+        self._outbox.put(frame)
 
     def _flush(self) -> None:
         """The end of this turn: its messages (acquires, releases, the tokens if they changed) in one write, one
         system call here and one wake-up of the parent."""
-        assert self._writer is not None, "not connected to the parent"
+        assert self._outbox is not None, "not connected to the parent"
         if self._tokens_due:
             self._tokens_due = False
-            self._frames.append(_frame({"op": "tokens", "tokens": self.tokens()}))
-        if self._frames and not self._writer.is_closing():
-            self._writer.write(b"".join(self._frames))
-        self._frames.clear()
+            self._outbox.frames.append(_frame({"op": "tokens", "tokens": self.tokens()}))
+        self._outbox.flush()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
