@@ -4,9 +4,10 @@
  * transport's protocol then).  A read made only of whole HTTP chunks whose payloads are whole SSE token events
  * (every event has ``"finish_reason":null``: no comment, error, usage chunk, terminal chunk or ``[DONE]``) is
  * written to the client's transport as it came, chunk framing and all, its events counted and their gaps observed
- * into the inter-token histogram.  Anything else (a partial chunk, the last chunk, any other event, a client
- * that left or has bytes still unsent) goes to ``back(data)``, the Python path, which takes the connection back
- * and handles it as gateway/relay.py and gateway/client.py always do.  No Python frame runs per token.
+ * for the inter-token histogram (kept here, put into it once a second and whenever the Python path takes the
+ * connection back).  Anything else (a partial chunk, the last chunk, any other event, a client that cannot take
+ * more: ``stall()``) goes to ``back(data)``, the Python path, which takes the connection back and handles it as
+ * gateway/relay.py and gateway/client.py always do.  No Python frame runs and no Python object is made per token.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* memmem */
@@ -17,29 +18,32 @@
 #include <string.h>
 #include <time.h>
 
-static PyObject *s_sum, *s_waiting_since;
+static PyObject *s_sum;
 static PyObject *s_connection_lost, *s_eof_received, *s_pause_writing, *s_resume_writing;
 
 static const char NOT_FINISHED[] = "\"finish_reason\":null"; /* once in each token chunk, as relay.py's */
 #define NOT_FINISHED_LEN (sizeof(NOT_FINISHED) - 1)
 #define CHUNK_SIZE_DIGITS 8 /* a chunk of up to 4 GiB: far more than one read */
+#define FLUSH_INTERVAL 1.0  /* seconds a scrape may see a spliced stream's gaps late; its end flushes them all */
 
 typedef struct {
     PyObject_HEAD
-    PyObject *write;      /* the client's transport's write, is_closing and get_write_buffer_size */
-    PyObject *is_closing;
-    PyObject *unsent;
-    PyObject *time;       /* loop.time: the read timeout's silence runs from the last byte */
+    PyObject *write;  /* the client's transport's write */
     PyObject *owner;  /* the engine connection, the Python protocol this one stands in for */
     PyObject *back;   /* back(data or None): the Python path takes the connection back */
     PyObject *child;  /* the inter-token histogram's child: its ``counts`` and ``sum`` */
     PyObject *counts; /* child.counts: one count per bound, the last +Inf's */
     double *bounds;
     Py_ssize_t nbounds;
+    long long *pending; /* observations not yet in ``child``: one count per bound and +Inf's, and their sum */
+    long long npending;
+    double pending_sum;
+    double flushed;    /* when they last went into ``child`` (perf_counter's clock) */
     long long events;  /* token events written since arm() */
     long long written; /* their payload bytes (without the chunk framing) */
     double last;       /* when the last token event arrived, on perf_counter's clock */
     int active;
+    int stalled; /* stall() was called: the client cannot take more now (its buffer is full, or it left) */
 } Splice;
 
 static int hex_value(char c) {
@@ -98,41 +102,49 @@ static double perf_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* ``times`` observations of ``value``: HistogramChild.observe's bisect_left, in C.  The count is changed last,
- * once the sum was: a failure to read or set the sum leaves the histogram as it was. */
-static int observe(Splice *self, double value, Py_ssize_t times) {
+/* ``times`` observations of ``value``: HistogramChild.observe's bisect_left, in C, kept here until flush(). */
+static void observe(Splice *self, double value, long long times) {
     Py_ssize_t lo = 0, hi = self->nbounds;
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) / 2;
         if (self->bounds[mid] < value) lo = mid + 1;
         else hi = mid;
     }
+    self->pending[lo] += times;
+    self->npending += times;
+    self->pending_sum += value * (double)times;
+}
+
+/* The observations kept here, into the histogram child: its sum first, then its counts.  A failure to read or set
+ * the sum leaves the child as it was and keeps them here. */
+static int flush(Splice *self, double now) {
+    self->flushed = now;
+    if (self->npending == 0) return 0;
     PyObject *counts = self->counts;
-    if (lo >= PyList_GET_SIZE(counts)) goto resized;
-    long long was = PyLong_AsLongLong(PyList_GET_ITEM(counts, lo));
-    if (was == -1 && PyErr_Occurred()) return -1;
-    PyObject *now = PyLong_FromLongLong(was + times);
-    if (now == NULL) return -1;
-    if (value != 0.0) {
-        PyObject *sum = PyObject_GetAttr(self->child, s_sum);
-        double total = sum == NULL ? -1.0 : PyFloat_AsDouble(sum);
-        Py_XDECREF(sum);
-        PyObject *updated = total == -1.0 && PyErr_Occurred() ? NULL
-                                                               : PyFloat_FromDouble(total + value * (double)times);
-        int rc = updated == NULL ? -1 : PyObject_SetAttr(self->child, s_sum, updated);
-        Py_XDECREF(updated);
-        if (rc < 0) {
-            Py_DECREF(now);
-            return -1;
-        }
+    if (PyList_GET_SIZE(counts) != self->nbounds + 1) goto resized;
+    PyObject *sum = PyObject_GetAttr(self->child, s_sum);
+    double total = sum == NULL ? -1.0 : PyFloat_AsDouble(sum);
+    Py_XDECREF(sum);
+    if (total == -1.0 && PyErr_Occurred()) return -1;
+    PyObject *updated = PyFloat_FromDouble(total + self->pending_sum);
+    int rc = updated == NULL ? -1 : PyObject_SetAttr(self->child, s_sum, updated);
+    Py_XDECREF(updated);
+    if (rc < 0) return -1;
+    self->pending_sum = 0.0;
+    for (Py_ssize_t i = 0; i <= self->nbounds; i++) {
+        long long add = self->pending[i];
+        if (add == 0) continue;
+        if (i >= PyList_GET_SIZE(counts)) goto resized; /* (emptied by code the sum's attribute ran) */
+        long long was = PyLong_AsLongLong(PyList_GET_ITEM(counts, i));
+        if (was == -1 && PyErr_Occurred()) return -1;
+        PyObject *count = PyLong_FromLongLong(was + add);
+        if (count == NULL) return -1;
+        PyObject *old = PyList_GET_ITEM(counts, i);
+        PyList_SET_ITEM(counts, i, count);
+        Py_DECREF(old);
+        self->npending -= add;
+        self->pending[i] = 0;
     }
-    if (lo >= PyList_GET_SIZE(counts)) { /* (emptied by code the sum's attribute ran) */
-        Py_DECREF(now);
-        goto resized;
-    }
-    PyObject *old = PyList_GET_ITEM(counts, lo);
-    PyList_SET_ITEM(counts, lo, now);
-    Py_DECREF(old);
     return 0;
 resized: /* the list was changed in place since __init__ checked its size */
     PyErr_SetString(PyExc_RuntimeError, "itl.counts: one count per bound and +Inf's expected");
@@ -146,52 +158,32 @@ static int check_open(Splice *self) {
     return -1;
 }
 
+/* The Python path takes the connection back (the gaps kept here go into the histogram as it does). */
 static PyObject *hand_back(Splice *self, PyObject *data) {
     self->active = 0;
     if (check_open(self) < 0) return NULL;
     PyObject *back = Py_NewRef(self->back); /* held for the call: back() may close the splice */
     PyObject *r = PyObject_CallOneArg(back, data);
     Py_DECREF(back);
+    if (r != NULL && flush(self, perf_now()) < 0) Py_CLEAR(r);
     return r;
-}
-
-/* Whether the client's transport can take a write now without buffering it: open, nothing unsent. */
-static int client_ready(Splice *self) {
-    PyObject *r = PyObject_CallNoArgs(self->is_closing);
-    if (r == NULL) return -1;
-    int closing = PyObject_IsTrue(r);
-    Py_DECREF(r);
-    if (closing) return closing < 0 ? -1 : 0;
-    r = PyObject_CallNoArgs(self->unsent);
-    if (r == NULL) return -1;
-    Py_ssize_t unsent = PyLong_AsSsize_t(r);
-    Py_DECREF(r);
-    if (unsent == -1 && PyErr_Occurred()) return -1;
-    return unsent == 0;
 }
 
 static PyObject *Splice_data_received(Splice *self, PyObject *data) {
     Py_ssize_t events = 0, payload = 0;
-    if (!self->active || !PyBytes_CheckExact(data) ||
+    if (!self->active || self->stalled || !PyBytes_CheckExact(data) ||
         !whole_token_chunks(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &events, &payload))
         return hand_back(self, data);
-    int ready = client_ready(self);
-    if (ready < 0) return NULL;
-    if (!ready) return hand_back(self, data);
     PyObject *r = PyObject_CallOneArg(self->write, data);
     if (r == NULL) return NULL;
     Py_DECREF(r);
-    double now = perf_now(), gap = now - self->last;
-    self->last = now; /* counted first: the read was written, whatever fails after */
+    double now = perf_now();
+    observe(self, now - self->last, 1);
+    if (events > 1) observe(self, 0.0, events - 1); /* events that arrived together */
+    self->last = now; /* also the read timeout's: the engine's silence runs from here */
     self->events += events;
     self->written += payload;
-    if (observe(self, gap, 1) < 0) return NULL;
-    if (events > 1 && observe(self, 0.0, events - 1) < 0) return NULL; /* events that arrived together */
-    r = PyObject_CallNoArgs(self->time);
-    if (r == NULL) return NULL;
-    int rc = PyObject_SetAttr(self->owner, s_waiting_since, r);
-    Py_DECREF(r);
-    if (rc < 0) return NULL;
+    if (now - self->flushed >= FLUSH_INTERVAL && flush(self, now) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -200,8 +192,17 @@ static PyObject *Splice_arm(Splice *self, PyObject *arg) {
     double last = PyFloat_AsDouble(arg);
     if (last == -1.0 && PyErr_Occurred()) return NULL;
     self->last = last;
+    self->flushed = perf_now();
     self->events = self->written = 0;
     self->active = 1;
+    self->stalled = 0;
+    Py_RETURN_NONE;
+}
+
+/* The client's side says it cannot take more now (pause_writing, connection_lost): the next read is handed back,
+ * and the Python path waits for the client as it always does.  No call per read asks the client's transport. */
+static PyObject *Splice_stall(Splice *self, PyObject *Py_UNUSED(ignored)) {
+    self->stalled = 1;
     Py_RETURN_NONE;
 }
 
@@ -212,6 +213,7 @@ static PyObject *Splice_close(Splice *self, PyObject *Py_UNUSED(ignored)) {
     PyObject *r = self->active ? hand_back(self, Py_None) : Py_NewRef(Py_None);
     Py_CLEAR(self->back);
     self->active = 0; /* (re-armed by back() meanwhile or not) */
+    if (r != NULL && flush(self, perf_now()) < 0) Py_CLEAR(r);
     return r;
 }
 
@@ -260,10 +262,20 @@ static PyObject *take_bounds(Splice *self, PyObject *child) {
             goto fail;
         }
     }
+    long long *pending = PyMem_Calloc((size_t)n + 1, sizeof(long long));
+    if (pending == NULL) {
+        PyMem_Free(values);
+        PyErr_NoMemory();
+        goto fail;
+    }
     Py_DECREF(bounds);
     PyMem_Free(self->bounds);
+    PyMem_Free(self->pending);
     self->bounds = values;
     self->nbounds = n;
+    self->pending = pending;
+    self->npending = 0;
+    self->pending_sum = 0.0;
     return counts;
 fail:
     Py_XDECREF(bounds);
@@ -272,25 +284,16 @@ fail:
 }
 
 static int Splice_init(Splice *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"out", "owner", "back", "loop", "itl", NULL};
-    PyObject *out, *owner, *back, *loop, *child;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO", kwlist, &out, &owner, &back, &loop, &child)) return -1;
+    static char *kwlist[] = {"out", "owner", "back", "itl", NULL};
+    PyObject *out, *owner, *back, *child;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO", kwlist, &out, &owner, &back, &child)) return -1;
     PyObject *write = PyObject_GetAttrString(out, "write");
-    PyObject *is_closing = write == NULL ? NULL : PyObject_GetAttrString(out, "is_closing");
-    PyObject *unsent = is_closing == NULL ? NULL : PyObject_GetAttrString(out, "get_write_buffer_size");
-    PyObject *time = unsent == NULL ? NULL : PyObject_GetAttrString(loop, "time");
-    PyObject *counts = time == NULL ? NULL : take_bounds(self, child);
+    PyObject *counts = write == NULL ? NULL : take_bounds(self, child);
     if (counts == NULL) {
         Py_XDECREF(write);
-        Py_XDECREF(is_closing);
-        Py_XDECREF(unsent);
-        Py_XDECREF(time);
         return -1;
     }
     Py_XSETREF(self->write, write);
-    Py_XSETREF(self->is_closing, is_closing);
-    Py_XSETREF(self->unsent, unsent);
-    Py_XSETREF(self->time, time);
     Py_XSETREF(self->counts, counts);
     Py_XSETREF(self->owner, Py_NewRef(owner));
     Py_XSETREF(self->back, Py_NewRef(back));
@@ -301,9 +304,6 @@ static int Splice_init(Splice *self, PyObject *args, PyObject *kwds) {
 
 static int Splice_traverse(Splice *self, visitproc visit, void *arg) {
     Py_VISIT(self->write);
-    Py_VISIT(self->is_closing);
-    Py_VISIT(self->unsent);
-    Py_VISIT(self->time);
     Py_VISIT(self->owner);
     Py_VISIT(self->back);
     Py_VISIT(self->child);
@@ -313,9 +313,6 @@ static int Splice_traverse(Splice *self, visitproc visit, void *arg) {
 
 static int Splice_clear(Splice *self) {
     Py_CLEAR(self->write);
-    Py_CLEAR(self->is_closing);
-    Py_CLEAR(self->unsent);
-    Py_CLEAR(self->time);
     Py_CLEAR(self->owner);
     Py_CLEAR(self->back);
     Py_CLEAR(self->child);
@@ -328,12 +325,14 @@ static void Splice_dealloc(Splice *self) {
     PyObject_GC_UnTrack(self);
     Splice_clear(self);
     PyMem_Free(self->bounds);
+    PyMem_Free(self->pending);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyMethodDef Splice_methods[] = {
     {"data_received", (PyCFunction)Splice_data_received, METH_O, "Relay a read, or hand it back."},
     {"arm", (PyCFunction)Splice_arm, METH_O, "Take the reads from here on; ``last`` is the last token's time."},
+    {"stall", (PyCFunction)Splice_stall, METH_NOARGS, "The client cannot take more now: hand the next read back."},
     {"close", (PyCFunction)Splice_close, METH_NOARGS, "Hand the connection back if it is taken here; let go."},
     {"connection_lost", (PyCFunction)Splice_connection_lost, METH_O, NULL},
     {"eof_received", (PyCFunction)Splice_eof_received, METH_NOARGS, NULL},
@@ -353,7 +352,7 @@ static PyMemberDef Splice_members[] = {
 static PyTypeObject SpliceType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "gateway._splice.Splice",
-    .tp_doc = PyDoc_STR("Splice(out, owner, back, loop, itl): token chunks from the engine to the client, in C."),
+    .tp_doc = PyDoc_STR("Splice(out, owner, back, itl): token chunks from the engine to the client, in C."),
     .tp_basicsize = sizeof(Splice),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
@@ -375,7 +374,6 @@ PyMODINIT_FUNC PyInit__splice(void) {
 #define INTERN(var, text) \
     if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(s_sum, "sum");
-    INTERN(s_waiting_since, "_waiting_since");
     INTERN(s_connection_lost, "connection_lost");
     INTERN(s_eof_received, "eof_received");
     INTERN(s_pause_writing, "pause_writing");

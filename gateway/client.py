@@ -17,7 +17,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -33,6 +33,14 @@ _BODY_SLICE = 1 << 18  # a large body is written a slice at a time, as the engin
 # (a generation) may have reached the engine, and is never sent twice.
 STALE_WINDOW = 0.5
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))  # RFC 9110 §9.2.2
+
+
+class Reader(Protocol):
+    """A protocol that ``EngineConnection.hand_over`` lends the connection's reads to (gateway/_splice.c's)."""
+
+    last: float  # when it last read bytes of the answer, on perf_counter's clock
+
+    def data_received(self, data: bytes) -> None: ...
 
 
 class EngineUnreachable(Exception):
@@ -150,6 +158,7 @@ class EngineConnection(asyncio.Protocol):
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None  # the read timeout's, armed once per answer
         self._waiting_since = 0.0
+        self._reader: Reader | None = None  # while hand_over() has lent the reads out
         self._parser = httptools.HttpResponseParser(self)  # llhttp reads one answer after another
         self._new_answer()
 
@@ -356,20 +365,25 @@ class EngineConnection(asyncio.Protocol):
         """The whole answer has been read (some of it may still be buffered here)."""
         return self._complete
 
-    def hand_over(self, protocol: asyncio.BaseProtocol) -> bool:
-        """Let ``protocol`` take this connection's reads until it calls ``take_back``: only between two chunks of
-        the answer, with nothing buffered, on a plain TCP connection (False, and nothing changes, otherwise)."""
+    def hand_over(self, reader: Reader) -> bool:
+        """Let ``reader`` take this connection's reads until it calls ``take_back``: only between two chunks of
+        the answer, with nothing buffered, on a plain TCP connection (False, and nothing changes, otherwise).
+        The read timeout's silence runs from ``reader.last`` meanwhile."""
         transport = self.transport
         if (
             transport is None or not self._boundary or self._chunks or self._paused or self._complete
             or self._error is not None or self.origin.ssl is not None
         ):  # fmt: skip
             return False
-        transport.set_protocol(protocol)
+        transport.set_protocol(cast(asyncio.BaseProtocol, reader))
+        self._reader = reader
         return True
 
     def take_back(self, data: bytes | None) -> None:
         """The reads come here again, from ``data`` (what the other protocol read and did not take) on."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            self._waiting_since = max(self._waiting_since, self._on_loop_clock(reader.last))
         if self.transport is not None:
             self.transport.set_protocol(self)
         if data is not None:
@@ -423,11 +437,18 @@ class EngineConnection(asyncio.Protocol):
         finally:
             self._waiter = None
 
+    def _on_loop_clock(self, at: float) -> float:
+        """A perf_counter time on the loop's clock (uvloop's is libuv's, in milliseconds)."""
+        return at + self.loop.time() - time.perf_counter()
+
     def _check_silence(self) -> None:
         self._timer = None
         if self._waiter is None:
             return  # not waiting: the next wait arms the timer again
-        deadline = self._waiting_since + self.read_timeout
+        since = self._waiting_since
+        if self._reader is not None:
+            since = max(since, self._on_loop_clock(self._reader.last))
+        deadline = since + self.read_timeout
         if self.loop.time() >= deadline:
             self._fail(EngineTimeout(f"the engine was silent for {self.read_timeout:g} s"))
         else:

@@ -70,7 +70,7 @@ class ClientConnection(RequestHandler):
     the first byte of each next request), its body must progress every ``body_timeout``, and what it is sent
     must not stay unread for ``send_timeout`` (the socket's buffer full all that time)."""
 
-    __slots__ = ("_body_timer", "_head_timer", "_last_progress", "_limits", "_listener", "_send_timer")
+    __slots__ = ("_body_timer", "_head_timer", "_last_progress", "_limits", "_listener", "_send_timer", "on_stall")
 
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
         super().__init__(listener, keepalive_timeout=listener.limits.keepalive_timeout, **kwargs)
@@ -80,6 +80,7 @@ class ClientConnection(RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._last_progress = 0.0
+        self.on_stall: Callable[[], None] | None = None  # told when the client cannot take more (the C splice)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -89,6 +90,8 @@ class ClientConnection(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._listener.open -= 1
         self._cancel_timers()
+        if self.on_stall is not None:
+            self.on_stall()
         super().connection_lost(exc)
 
     def _cancel_timers(self) -> None:
@@ -102,6 +105,8 @@ class ClientConnection(RequestHandler):
         to take something off it, as nginx's ``send_timeout``."""
         super().pause_writing()
         self._send_timer = self._loop.call_later(self._limits.send_timeout, self._send_late)
+        if self.on_stall is not None:
+            self.on_stall()
 
     def resume_writing(self) -> None:
         if self._send_timer is not None:

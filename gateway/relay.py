@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.client import EngineAborted, EngineConnection, EngineError, EngineTimeout
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
+from gateway.listener import ClientConnection
 from gateway.metrics.gateway import GatewayMetrics
 from gateway.metrics.histogram import HistogramChild
 from gateway.protocol import Generation
@@ -215,6 +216,8 @@ class Relay:
         transport = request.transport
         protocol = request.protocol
         assert transport is not None
+        # the C splice asks nothing of the client's transport per read: the client's connection tells it to stop
+        native = self.native and isinstance(protocol, ClientConnection)
 
         def back(data: bytes | None) -> None:
             """The C splice hands the connection back: what it relayed is counted, ``data`` read here."""
@@ -224,7 +227,7 @@ class Relay:
             stream.last = fast.last
             resp.take_back(data)
 
-        fast = Splice(transport, resp, back, resp.loop, stream.itl) if self.native else None
+        fast = Splice(transport, resp, back, stream.itl) if native else None
 
         def sink(data: bytes) -> bool:
             data = stream.feed(data)
@@ -243,7 +246,9 @@ class Relay:
             return True
 
         def enter() -> None:
-            if not (stream.carry or stream.held or transport.get_write_buffer_size()) and resp.hand_over(fast):
+            if not (
+                stream.carry or stream.held or protocol.writing_paused or transport.is_closing()
+            ) and resp.hand_over(fast):
                 fast.arm(stream.last)
 
         async def drained() -> None:
@@ -252,11 +257,13 @@ class Relay:
             await request.writer.drain()
 
         if fast is not None:
+            protocol.on_stall = fast.stall
             enter()
         try:
             await resp.pump(sink, drained)
         finally:
             if fast is not None:
+                protocol.on_stall = None
                 fast.close()  # taking the connection back if the client left, or the request was cancelled
 
     def _broken(self, request: web.Request, ex: Exchange, exc: BaseException) -> None:

@@ -249,6 +249,22 @@ async def test_a_reader_slower_than_the_read_timeout_is_not_a_silent_engine(
     assert sim.outcomes() == ["length"]
 
 
+async def test_a_stream_that_flows_for_many_read_timeouts_is_not_a_silent_engine(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """A token every 20 ms for more than four read timeouts: each token restarts the engine's silence, whether
+    the gateway relayed it from Python or the C splice did (its reads never reach the engine connection)."""
+    sim = await sim_in(stack, itl=0.02)
+    gw = await gateway_in(stack, [sim.url], upstream_read_timeout=0.25)
+    client = await stream_from(gw, 60)
+    assert contents(await client.read_to_end()) == sim_words(60)
+    await settled(gw, sim)
+    text = await gw.metrics()
+    assert value(text, "gateway_request_errors_total") == 0
+    assert value(text, "gateway_inter_token_latency_seconds_count", model=MODEL) == 59
+    assert sim.outcomes() == ["length"]
+
+
 # -- clients that leave ------------------------------------------------------------------------------------
 
 
