@@ -116,38 +116,60 @@ static void observe(Splice *self, double value, long long times) {
 }
 
 /* The observations kept here, into the histogram child: its sum first, then its counts.  A failure to read or set
- * the sum leaves the child as it was and keeps them here. */
+ * the sum leaves the child as it was and keeps them here.  Each part is taken out of ``pending`` before the Python
+ * code it may run (the sum's attribute, a count's ``__index__``): a flush from within that code (a close, a hand
+ * back) cannot add it twice, and it is put back if it did not go in. */
 static int flush(Splice *self, double now) {
     self->flushed = now;
-    if (self->npending == 0) return 0;
-    PyObject *counts = self->counts;
+    if (self->npending == 0 || self->child == NULL) return 0;
+    PyObject *child = Py_NewRef(self->child), *counts = Py_NewRef(self->counts); /* held: that code may re-init */
     if (PyList_GET_SIZE(counts) != self->nbounds + 1) goto resized;
-    PyObject *sum = PyObject_GetAttr(self->child, s_sum);
+    PyObject *sum = PyObject_GetAttr(child, s_sum);
     double total = sum == NULL ? -1.0 : PyFloat_AsDouble(sum);
     Py_XDECREF(sum);
-    if (total == -1.0 && PyErr_Occurred()) return -1;
-    PyObject *updated = PyFloat_FromDouble(total + self->pending_sum);
-    int rc = updated == NULL ? -1 : PyObject_SetAttr(self->child, s_sum, updated);
-    Py_XDECREF(updated);
-    if (rc < 0) return -1;
+    if (total == -1.0 && PyErr_Occurred()) goto fail;
+    double add_sum = self->pending_sum;
     self->pending_sum = 0.0;
+    PyObject *updated = PyFloat_FromDouble(total + add_sum);
+    int rc = updated == NULL ? -1 : PyObject_SetAttr(child, s_sum, updated);
+    Py_XDECREF(updated);
+    if (rc < 0) {
+        self->pending_sum += add_sum;
+        goto fail;
+    }
     for (Py_ssize_t i = 0; i <= self->nbounds; i++) {
         long long add = self->pending[i];
         if (add == 0) continue;
         if (i >= PyList_GET_SIZE(counts)) goto resized; /* (emptied by code the sum's attribute ran) */
-        long long was = PyLong_AsLongLong(PyList_GET_ITEM(counts, i));
-        if (was == -1 && PyErr_Occurred()) return -1;
-        PyObject *count = PyLong_FromLongLong(was + add);
-        if (count == NULL) return -1;
+        self->pending[i] = 0;
+        self->npending -= add;
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(counts, i));
+        long long was = PyLong_AsLongLong(item);
+        Py_DECREF(item);
+        PyObject *count = was == -1 && PyErr_Occurred() ? NULL : PyLong_FromLongLong(was + add);
+        if (count != NULL && i >= PyList_GET_SIZE(counts)) { /* (emptied by the count's own code) */
+            Py_CLEAR(count);
+            PyErr_SetString(PyExc_RuntimeError, "itl.counts: one count per bound and +Inf's expected");
+        }
+        if (count == NULL) {
+            if (i <= self->nbounds) { /* (a re-init meanwhile may have left fewer) */
+                self->pending[i] += add;
+                self->npending += add;
+            }
+            goto fail;
+        }
         PyObject *old = PyList_GET_ITEM(counts, i);
         PyList_SET_ITEM(counts, i, count);
         Py_DECREF(old);
-        self->npending -= add;
-        self->pending[i] = 0;
     }
+    Py_DECREF(child);
+    Py_DECREF(counts);
     return 0;
 resized: /* the list was changed in place since __init__ checked its size */
     PyErr_SetString(PyExc_RuntimeError, "itl.counts: one count per bound and +Inf's expected");
+fail:
+    Py_DECREF(child);
+    Py_DECREF(counts);
     return -1;
 }
 
@@ -158,13 +180,19 @@ static int check_open(Splice *self) {
     return -1;
 }
 
-/* The Python path takes the connection back (the gaps kept here go into the histogram as it does). */
+/* The Python path takes the connection back; the caller then puts the gaps kept here into the histogram
+ * (``after_flush``), once what the hand-back was for has been done. */
 static PyObject *hand_back(Splice *self, PyObject *data) {
     self->active = 0;
     if (check_open(self) < 0) return NULL;
     PyObject *back = Py_NewRef(self->back); /* held for the call: back() may close the splice */
     PyObject *r = PyObject_CallOneArg(back, data);
     Py_DECREF(back);
+    return r;
+}
+
+/* ``r`` (a call's result, or NULL), after the gaps kept here went into the histogram (NULL if they could not). */
+static PyObject *after_flush(Splice *self, PyObject *r) {
     if (r != NULL && flush(self, perf_now()) < 0) Py_CLEAR(r);
     return r;
 }
@@ -173,7 +201,7 @@ static PyObject *Splice_data_received(Splice *self, PyObject *data) {
     Py_ssize_t events = 0, payload = 0;
     if (!self->active || self->stalled || !PyBytes_CheckExact(data) ||
         !whole_token_chunks(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &events, &payload))
-        return hand_back(self, data);
+        return after_flush(self, hand_back(self, data));
     PyObject *r = PyObject_CallOneArg(self->write, data);
     if (r == NULL) return NULL;
     Py_DECREF(r);
@@ -213,11 +241,11 @@ static PyObject *Splice_close(Splice *self, PyObject *Py_UNUSED(ignored)) {
     PyObject *r = self->active ? hand_back(self, Py_None) : Py_NewRef(Py_None);
     Py_CLEAR(self->back);
     self->active = 0; /* (re-armed by back() meanwhile or not) */
-    if (r != NULL && flush(self, perf_now()) < 0) Py_CLEAR(r);
-    return r;
+    return after_flush(self, r);
 }
 
-/* The transport's other calls: the Python protocol takes the connection back first, then gets the call. */
+/* The transport's other calls: the Python protocol takes the connection back first, then gets the call (whatever
+ * becomes of the gaps kept here: a connection_lost that did not arrive would leave the request waiting). */
 static PyObject *delegate(Splice *self, PyObject *name, PyObject *arg) {
     if (check_open(self) < 0) return NULL;
     if (self->active) {
@@ -225,7 +253,8 @@ static PyObject *delegate(Splice *self, PyObject *name, PyObject *arg) {
         if (r == NULL) return NULL;
         Py_DECREF(r);
     }
-    return arg == NULL ? PyObject_CallMethodNoArgs(self->owner, name) : PyObject_CallMethodOneArg(self->owner, name, arg);
+    return after_flush(self, arg == NULL ? PyObject_CallMethodNoArgs(self->owner, name)
+                                     : PyObject_CallMethodOneArg(self->owner, name, arg));
 }
 
 static PyObject *Splice_connection_lost(Splice *self, PyObject *exc) { return delegate(self, s_connection_lost, exc); }

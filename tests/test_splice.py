@@ -235,6 +235,17 @@ def test_counts_shortened_in_place_are_refused_not_written_past() -> None:
     assert rig.splice.events == 1 and rig.back == [None]  # written and handed back, whatever the histogram
 
 
+def test_the_transports_call_is_passed_on_even_when_the_gaps_cannot_go_into_the_histogram() -> None:
+    """A connection_lost that did not reach the engine connection would leave its request waiting: the call goes
+    on first, the histogram's failure is raised after it."""
+    rig = Rig()
+    rig.splice.data_received(chunk(TOKEN))
+    rig.itl.counts.clear()
+    with pytest.raises(RuntimeError, match="counts"):
+        rig.splice.connection_lost(None)
+    assert rig.back == [None] and rig.owner.calls == [("connection_lost", None)]
+
+
 def test_an_observation_that_fails_leaves_the_histogram_as_it_was() -> None:
     class NoSum(HistogramChild):
         __slots__ = ()
@@ -252,6 +263,60 @@ def test_an_observation_that_fails_leaves_the_histogram_as_it_was() -> None:
     with pytest.raises(ValueError, match="no sum"):
         splice.data_received(b"0\r\n\r\n")  # the last chunk: handed back, the gaps kept here put in the child
     assert itl.counts == [0] * 5 and splice.events == 1 and rig.back == [b"0\r\n\r\n"]
+
+
+class Count:
+    """A count that runs Python code when the splice reads it (``__index__``): ``then()``, once."""
+
+    def __init__(self, then: Any) -> None:
+        self.then = then
+
+    def __index__(self) -> int:
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return 0
+
+
+def test_a_flush_from_within_the_sums_attribute_adds_nothing_twice() -> None:
+    class Closing(HistogramChild):
+        __slots__ = ()
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+            if name == "sum" and hooks:
+                hooks.pop()()  # a close: its own flush, while the first one is setting the sum
+
+    hooks: list[Any] = []
+    rig = Rig()
+    itl = Closing((0.001, 0.01, 0.1, 1.0))
+    splice = Splice(rig.out, rig.owner, rig.back.append, itl)
+    splice.arm(1.0)
+    splice.data_received(chunk(TOKEN))
+    hooks.append(splice.close)
+    splice.close()
+    assert itl.counts == [0, 0, 0, 0, 1] and itl.sum == pytest.approx(splice.last - 1.0)
+
+
+def test_a_flush_from_within_a_counts_own_code_loses_nothing() -> None:
+    rig = Rig()
+    rig.splice.data_received(chunk(TOKEN))
+    rig.itl.counts[4] = Count(lambda: rig.splice.data_received(b"0\r\n\r\n"))  # handed back again: a flush
+    rig.splice.data_received(b"0\r\n\r\n")
+    assert rig.itl.counts == [0, 0, 0, 0, 1]
+    rig.splice.arm(1.0)
+    rig.splice.data_received(chunk(TOKEN))
+    rig.splice.close()
+    assert rig.itl.counts == [0, 0, 0, 0, 2]  # the next gap is not taken for one already put in
+
+
+def test_counts_emptied_by_a_counts_own_code_are_refused_not_written_past() -> None:
+    rig = Rig()
+    rig.splice.data_received(chunk(TOKEN))
+    rig.itl.counts[4] = Count(rig.itl.counts.clear)
+    with pytest.raises(RuntimeError, match="counts"):
+        rig.splice.close()
+    assert rig.itl.counts == [] and rig.back == [None]
 
 
 def test_only_a_histogram_child_is_taken_for_the_gaps() -> None:
