@@ -34,6 +34,12 @@ _REFUSAL_LINGER = 2.0  # seconds a refused connection stays open for the client 
 class ListenError(Exception):
     """The listening socket could not be opened (the port is taken, the address is not this host's)."""
 
+    @classmethod
+    def of(cls, host: str, port: int, exc: OSError) -> ListenError:
+        """The error in one line, as the OS says it (without asyncio's and socket's additions to a taken port)."""
+        what = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)).lower()
+        return cls(f"cannot listen on {host}:{port}: {what}")
+
 
 @dataclass(frozen=True)
 class ClientLimits:
@@ -345,6 +351,5 @@ async def listen(runner: web.AppRunner, host: str, port: int) -> web.TCPSite:
     try:
         await site.start()
     except OSError as exc:
-        what = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)).lower()
-        raise ListenError(f"cannot listen on {host}:{port}: {what}") from None
+        raise ListenError.of(host, port, exc) from None
     return site

@@ -148,7 +148,7 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         sock = socket.create_server((host, port), family=family, backlog=4096)
     except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {(exc.strerror or str(exc)).lower()}") from None
+        raise ListenError.of(host, port, exc) from None
     sock.set_inheritable(True)
     return sock
 

@@ -273,12 +273,25 @@ async def test_request_smuggling_forms_are_refused_and_reach_no_engine() -> None
 # -- as a process: the listening socket, the open-files limit, the drain ----------------------------------
 
 
-def test_a_taken_port_is_one_line_and_exit_1() -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_one_line_and_exit_1(workers: str) -> None:
+    """One process opens its port through aiohttp's site, the parent of --workers with a socket of its own:
+    the same line either way."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        gw = Process("serve", "--host", "127.0.0.1", "--port", str(port), "--upstream", "http://127.0.0.1:9")
+        gw = Process(
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--workers",
+            workers,
+        )
         try:
             assert gw.wait() == 1
             lines = gw.output().strip().splitlines()
