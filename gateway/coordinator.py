@@ -73,6 +73,31 @@ def _grant_line(ask: int, waited: float, levels: Sequence[float], cost: int, key
                                                 key.encode())  # fmt: skip
 
 
+# A worker's tokens in flight at each engine (``t``, after the requests of a turn started or ended there) and
+# every worker's (``h``, from the parent to the others): lines too, as often as requests come.  Engine URLs hold
+# no whitespace (gateway/settings.py refuses it).
+def _tokens_line(tokens: dict[str, int]) -> bytes:
+    return b"t" + b"".join(b" %s %d" % (url.encode(), n) for url, n in tokens.items()) + b"\n"
+
+
+def _parse_tokens(line: bytes) -> dict[str, int]:
+    fields = line.split()
+    return {fields[i].decode(): int(fields[i + 1]) for i in range(1, len(fields) - 1, 2)}
+
+
+def _held_line(held: dict[str, dict[str, int]]) -> bytes:
+    pairs = (b" %s %s %d" % (url.encode(), worker.encode(), n) for url, of in held.items() for worker, n in of.items())
+    return b"h" + b"".join(pairs) + b"\n"
+
+
+def _parse_held(line: bytes) -> dict[str, dict[str, int]]:
+    fields = line.split()
+    held: dict[str, dict[str, int]] = {}
+    for i in range(1, len(fields) - 2, 3):
+        held.setdefault(fields[i].decode(), {})[fields[i + 1].decode()] = int(fields[i + 2])
+    return held
+
+
 class Outbox:
     """The frames for one peer in this turn of the event loop, written at its end in one write: one system call
     here and one wake-up there.  ``wake`` asks for the end of the turn (an ``AtTurnEnd``), which calls ``flush``."""
@@ -170,7 +195,7 @@ class Authority:
             self._engines_due = False
             self._send_all(self._state())
         elif self._moved:
-            frame = _frame({"op": "tokens", "held": self._held()})
+            frame = _held_line(self._held())
             for link in self.links.values():
                 if any(index != link.index for index in self._moved):  # not only its own tokens moved
                     link.write(frame)
@@ -212,6 +237,9 @@ class Authority:
                 elif line[:1] == b"r":
                     _, cost, key = line[:-1].split(b" ")
                     self._release(link, int(cost), key.decode())
+                elif line[:1] == b"t":
+                    link.tokens = _parse_tokens(line)
+                    self._tokens_moved(link.index)
                 else:
                     self._handle(link, json.loads(line))
         except (ConnectionError, ValueError) as exc:
@@ -244,9 +272,6 @@ class Authority:
                 task.cancel()  # a grant at this moment is handed on by Admission itself
         elif op == "observed":
             self.host.observed(msg)
-        elif op == "tokens":
-            link.tokens = msg["tokens"]
-            self._tokens_moved(link.index)
         elif op == "series":
             future = link.snapshots.pop(msg["id"], None)
             if future is not None and not future.done():
@@ -388,7 +413,7 @@ class ParentLink:
         assert self._outbox is not None, "not connected to the parent"
         if self._tokens_due:
             self._tokens_due = False
-            self._outbox.frames.append(_frame({"op": "tokens", "tokens": self.tokens()}))
+            self._outbox.frames.append(_tokens_line(self.tokens()))
         self._outbox.flush()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -396,6 +421,9 @@ class ParentLink:
             while line := await reader.readline():
                 if line[:1] == b"g":
                     self._granted(line)
+                    continue
+                if line[:1] == b"h":
+                    self._told("tokens", {"held": _parse_held(line)})
                     continue
                 msg = json.loads(line)
                 op = msg.get("op")

@@ -80,6 +80,8 @@ def parse_upstream(text: str) -> UpstreamSpec:
         raise ValueError(f"{shown!r} has no host")
     if parts.query or parts.fragment:
         raise ValueError(f"{shown!r} has a ?query or #fragment, which the gateway would not send")
+    if any(c.isspace() for c in spec):  # not a URL (RFC 3986); the workers' coordination lines rely on it too
+        raise ValueError(f"{shown!r} has whitespace in it (write a space as %20)")
     url = spec.rstrip("/")
     stripped_v1 = url.endswith("/v1")
     if stripped_v1:

@@ -43,6 +43,7 @@ def refused(*args: str, env: dict[str, str] | None = None) -> str:
         (["--upstream", "http://"], {}, ["--upstream must be", "'http://' has no host"]),
         ([], {"GATEWAY_UPSTREAM": "http://a:1,vllm:8000"}, ["GATEWAY_UPSTREAM must be", "'vllm:8000' is not an http"]),
         (["--upstream", "http://a:1?key=s3cret"], {}, ["has a ?query", "'http://a:1'"]),
+        (["--upstream", "http://a:1/v 1"], {}, ["--upstream must be", "'http://a:1/v 1' has whitespace"]),
         (["--upstream", "a=http://x:1", "--upstream", "a=http://y:1"], {}, ["a is given twice"]),
         (["--log-level", "verbose"], {}, ["--log-level", "'verbose'"]),
         (["--upstream", "http://u:s3cret@a:1", "--upstream-api-key", "k"], {}, ["user:password@", "one or the other"]),

@@ -453,7 +453,9 @@ async def test_dns_discovery_runs_in_the_parent_and_its_engines_reach_every_work
 async def test_an_engines_kv_room_counts_the_tokens_of_every_worker() -> None:
     # room 9,000 tokens (10,000 x --kv-headroom 0.9); a request of about 4,700 (4,500 prompt + 200): one fits, two
     # do not. The engine's own view is read once (at start, idle): only the gateway's count of tokens in flight decides.
-    with stack("--engine-load-interval", "60", sim_flags=("--kv-cache-tokens", "10000")) as (sim, url, _gw):
+    # No health round either, whose state carries every worker's tokens too: they reach worker 1 as they move.
+    flags = ("--engine-load-interval", "60", "--health-interval", "60")
+    with stack(*flags, sim_flags=("--kv-cache-tokens", "10000")) as (sim, url, _gw):
         async with AsyncExitStack() as sessions:
             looks, sends = await per_worker(sessions, url), await per_worker(sessions, url)
 
