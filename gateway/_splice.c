@@ -147,15 +147,14 @@ static int flush(Splice *self, double now) {
         long long was = PyLong_AsLongLong(item);
         Py_DECREF(item);
         PyObject *count = was == -1 && PyErr_Occurred() ? NULL : PyLong_FromLongLong(was + add);
-        if (count != NULL && i >= PyList_GET_SIZE(counts)) { /* (emptied by the count's own code) */
-            Py_CLEAR(count);
-            PyErr_SetString(PyExc_RuntimeError, "itl.counts: one count per bound and +Inf's expected");
-        }
-        if (count == NULL) {
+        int emptied = count != NULL && i >= PyList_GET_SIZE(counts); /* (by the count's own code) */
+        if (count == NULL || emptied) {
+            Py_XDECREF(count);
             if (i <= self->nbounds) { /* (a re-init meanwhile may have left fewer) */
                 self->pending[i] += add;
                 self->npending += add;
             }
+            if (emptied) goto resized;
             goto fail;
         }
         PyObject *old = PyList_GET_ITEM(counts, i);

@@ -381,9 +381,8 @@ class EngineConnection(asyncio.Protocol):
 
     def take_back(self, data: bytes | None) -> None:
         """The reads come here again, from ``data`` (what the other protocol read and did not take) on."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            self._waiting_since = max(self._waiting_since, self._on_loop_clock(reader.last))
+        self._waiting_since = self._last_heard()
+        self._reader = None
         if self.transport is not None:
             self.transport.set_protocol(self)
         if data is not None:
@@ -437,18 +436,19 @@ class EngineConnection(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    def _on_loop_clock(self, at: float) -> float:
-        """A perf_counter time on the loop's clock (uvloop's is libuv's, in milliseconds)."""
-        return at + self.loop.time() - time.perf_counter()
+    def _last_heard(self) -> float:
+        """When the engine last sent, on the loop's clock: the reader's last read while it has the reads (its
+        perf_counter time moved to the loop's clock, uvloop's being libuv's in milliseconds)."""
+        since, reader = self._waiting_since, self._reader
+        if reader is None:
+            return since
+        return max(since, reader.last + self.loop.time() - time.perf_counter())
 
     def _check_silence(self) -> None:
         self._timer = None
         if self._waiter is None:
             return  # not waiting: the next wait arms the timer again
-        since = self._waiting_since
-        if self._reader is not None:
-            since = max(since, self._on_loop_clock(self._reader.last))
-        deadline = since + self.read_timeout
+        deadline = self._last_heard() + self.read_timeout
         if self.loop.time() >= deadline:
             self._fail(EngineTimeout(f"the engine was silent for {self.read_timeout:g} s"))
         else:
