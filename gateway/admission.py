@@ -109,7 +109,7 @@ class Admission:
                 await waiter.future
         except BaseException as exc:
             if waiter.future.done() and not waiter.future.cancelled():
-                self._give_back(cost, tenant)  # granted at the moment we gave up: hand the slot on
+                self.give_back(1, cost, key)  # granted at the moment we gave up: hand the slot on
             else:
                 # _wake may have dropped it already: cancelling the task cancels the future at once,
                 # and a release can run before this task does
@@ -128,14 +128,17 @@ class Admission:
     def release(self, cost: int, key: str = "") -> None:
         """A forwarded request finished: its slot and tokens go to the next waiters."""
         self._releases.append(time.monotonic())  # measures the rate behind Retry-After
-        self._give_back(cost, self.fair.tenant(key) if self.fair is not None else None)
+        self.give_back(1, cost, key)
 
-    def _give_back(self, cost: int, tenant: Tenant | None) -> None:
-        self.in_flight -= 1
-        self.tokens_in_flight -= cost
-        if tenant is not None:
-            tenant.in_flight -= 1
-            tenant.tokens_in_flight -= cost
+    def give_back(self, slots: int, tokens: int, key: str = "") -> None:
+        """Slots and their tokens no longer held (a request's, a worker's spare ones, a dead worker's): to the next
+        waiters."""
+        self.in_flight -= slots
+        self.tokens_in_flight -= tokens
+        if self.fair is not None:
+            tenant = self.fair.tenant(key)
+            tenant.in_flight -= slots
+            tenant.tokens_in_flight -= tokens
         self._wake()
 
     def _wake(self) -> None:

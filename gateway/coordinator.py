@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import signal
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,8 @@ log = logging.getLogger("gateway.workers")
 _SNAPSHOT_TIMEOUT = 2.0  # seconds a worker has to send its series for a scrape; its last ones count after
 _LINE_LIMIT = 1 << 28  # bytes of one message: a worker's series, the merged exposition
 _WATCH_INTERVAL = 1.0  # seconds between looks at the keys file (as one process's watch)
+_SPARE_SHARE = 4  # a worker keeps at most this fraction (1/4) of its even share of the slots and tokens spare
+_NO_BUDGET = 1 << 62  # the spare tokens' bound without --max-tokens-in-flight: the slots' bound is the one
 
 
 class AtTurnEnd:
@@ -98,6 +99,31 @@ def _parse_held(line: bytes) -> dict[str, dict[str, int]]:
     return held
 
 
+# Spare slots (README: Workers): ``k S T`` (parent to worker: keep up to S freed slots and T tokens spare, and admit
+# from them without asking), ``x`` (give them back and keep none until the next ``k``) and its answer ``u S T``
+# (worker to parent: the spare slots and tokens given back).
+_RECALL = b"x\n"
+
+
+def _keep_line(slots: int, tokens: int) -> bytes:
+    return b"k %d %d\n" % (slots, tokens)
+
+
+def _spare_line(slots: int, tokens: int) -> bytes:
+    return b"u %d %d\n" % (slots, tokens)
+
+
+def spare_bounds(settings: Settings) -> tuple[int, int] | None:
+    """The slots and tokens a worker may keep spare, or None where every request asks the parent: with API keys
+    (their caps and fair share are per request) and where a worker's part of the cap would be under one slot."""
+    share = _SPARE_SHARE * settings.worker_count
+    if settings.api_key or settings.keys_file:
+        return None
+    slots = settings.max_concurrency // share
+    tokens = settings.max_tokens_in_flight // share if settings.max_tokens_in_flight else _NO_BUDGET
+    return (slots, tokens) if slots and tokens else None
+
+
 class Outbox:
     """The frames for one peer in this turn of the event loop, written at its end in one write: one system call
     here and one wake-up there.  ``wake`` asks for the end of the turn (an ``AtTurnEnd``), which calls ``flush``."""
@@ -129,8 +155,10 @@ class WorkerLink:
     pid: int
     writer: asyncio.StreamWriter
     outbox: Outbox  # what the parent sends it, written at the end of each turn of the parent's loop
-    admitted: int = 0  # slots granted to it: how much it has served
-    held: Counter[tuple[int, str]] = field(default_factory=Counter)
+    admitted: int = 0  # requests it admitted, from its spare slots or granted here, as it last said
+    from_spare: int = 0  # of them, those admitted from its spare slots without asking
+    spare: tuple[int, int] = (0, 0)  # its slots and tokens held and not in use, as it last said
+    held: dict[str, list[int]] = field(default_factory=dict)  # key -> [slots, tokens] held (in use or spare)
     waiting: dict[int, asyncio.Task[float]] = field(default_factory=dict)
     snapshots: dict[int, asyncio.Future[list[Family]]] = field(default_factory=dict)
     last: list[Family] = field(default_factory=list)  # its series at the last scrape
@@ -141,6 +169,17 @@ class WorkerLink:
 
     def write(self, frame: bytes) -> None:
         self.outbox.put(frame)
+
+    def hold(self, slots: int, tokens: int, key: str) -> None:
+        held = self.held.setdefault(key, [0, 0])
+        held[0] += slots
+        held[1] += tokens
+
+    def report(self, msg: dict[str, Any]) -> None:
+        """What it said of itself in answer to a snapshot: its admissions, spare slots and (unless light) series."""
+        self.admitted, self.from_spare, self.spare = msg["admitted"], msg["from_spare"], tuple(msg["spare"])
+        if msg.get("families") is not None:
+            self.last = msg["families"]
 
 
 class Authority:
@@ -163,6 +202,13 @@ class Authority:
         self._moved: set[int] = set()  # the workers whose tokens at the engines changed in this moment
         self._wake = AtTurnEnd(self._flush)  # every link's messages written at the end of this turn of the loop
         self._pending = 0  # acquires not answered at once: the next ones queue behind them, in arrival order
+        self.spare_bounds = spare_bounds(settings)
+        self.lending = False  # the workers are told that they may keep spare slots
+        self._recalling: set[int] = set()  # the workers whose spare slots are called back and not yet returned
+        self._deferred: list[tuple[WorkerLink, int, int, str]] | None = None  # acquires that wait for them meanwhile
+        m, a = self.host.metrics, self.admission
+        m.in_flight.set_function(lambda: a.in_flight - self.spare()[0])  # type: ignore[attr-defined]
+        m.tokens_in_flight.set_function(lambda: a.tokens_in_flight - self.spare()[1])  # type: ignore[attr-defined]
 
     def reload(self) -> None:
         """SIGHUP or a change of the keys file: read here (the fair queue's weights and caps) and by every worker."""
@@ -190,7 +236,14 @@ class Authority:
         self._wake()
 
     def _flush(self) -> None:
-        """The end of this turn: the state due, then each worker's messages in one write."""
+        """The end of this turn: the state due, the word that spare slots may be kept again, then each worker's
+        messages in one write."""
+        if not self.lending and self._may_lend():
+            self.lending = True
+            assert self.spare_bounds is not None
+            frame = _keep_line(*self.spare_bounds)
+            for link in self.links.values():
+                link.write(frame)
         if self._engines_due:
             self._engines_due = False
             self._send_all(self._state())
@@ -228,6 +281,8 @@ class Authority:
         link = WorkerLink(hello["index"], hello["pid"], writer, Outbox(writer, self._wake))
         self.links[link.index] = link
         link.send(self._state())  # before it takes connections, a worker knows the engines
+        if self.lending and self.spare_bounds is not None:
+            link.write(_keep_line(*self.spare_bounds))
         self.connected(link.index)
         try:
             while line := await reader.readline():
@@ -240,6 +295,9 @@ class Authority:
                 elif line[:1] == b"t":
                     link.tokens = _parse_tokens(line)
                     self._tokens_moved(link.index)
+                elif line[:1] == b"u":
+                    _, slots, tokens = line[:-1].split(b" ")
+                    self._returned(link, int(slots), int(tokens))
                 else:
                     self._handle(link, json.loads(line))
         except (ConnectionError, ValueError) as exc:
@@ -248,9 +306,33 @@ class Authority:
             self._gone(link)
             writer.close()
 
+    def spare(self) -> tuple[int, int]:
+        """The slots and tokens that workers hold spare (as they last said): held, not in flight."""
+        links = self.links.values()
+        return sum(link.spare[0] for link in links), sum(link.spare[1] for link in links)
+
+    def _may_lend(self) -> bool:
+        """Whether the workers may keep spare slots again: nothing waits, and the cap has room for all of them."""
+        a, bounds = self.admission, self.spare_bounds
+        if bounds is None or self._deferred is not None or self._pending or a.queue_depth or not self.links:
+            return False
+        slots, tokens = (n * len(self.links) for n in bounds)
+        fits_tokens = not a.max_tokens or a.tokens_in_flight + tokens <= a.max_tokens
+        return fits_tokens and a.in_flight + slots <= a.max_concurrency
+
     def _acquire(self, link: WorkerLink, ask: int, cost: int, key: str) -> None:
+        if self._deferred is not None:  # the spare slots are being called back: after them, in arrival order
+            self._deferred.append((link, ask, cost, key))
+            return
         if not self._pending and self.admission.try_acquire(cost, key):
             self._granted(link, ask, cost, key, 0.0)
+            return
+        if self.lending:  # the room it needs may be spare in a worker: called back before it waits or is refused
+            self.lending = False
+            self._recalling = set(self.links)
+            self._deferred = [(link, ask, cost, key)]
+            for other in self.links.values():
+                other.write(_RECALL)
             return
         self._pending += 1  # until it is decided, later acquires take this way too: none overtakes it
         task = asyncio.ensure_future(self.admission.acquire(cost, key))
@@ -258,11 +340,28 @@ class Authority:
         task.add_done_callback(lambda t: self._decided(link, ask, cost, key, t))
 
     def _release(self, link: WorkerLink, cost: int, key: str) -> None:
-        grant = (cost, key)
-        link.held[grant] -= 1
-        if not link.held[grant]:
-            del link.held[grant]
+        link.hold(-1, -cost, key)
         self.admission.release(cost, key)
+        if not self.lending:
+            self._wake()  # the end of this turn looks whether spare slots may be kept again
+
+    def _returned(self, link: WorkerLink, slots: int, tokens: int) -> None:
+        """A worker's spare slots, called back: free here, and once every worker's are back, the acquires that
+        waited for them go on in their order."""
+        link.hold(-slots, -tokens, "")
+        link.spare = (0, 0)
+        self.admission.give_back(slots, tokens)
+        self._recalling.discard(link.index)
+        self._resume()
+
+    def _resume(self) -> None:
+        if self._deferred is None or self._recalling:
+            return
+        deferred, self._deferred = self._deferred, None
+        for link, ask, cost, key in deferred:
+            if self.links.get(link.index) is link:
+                self._acquire(link, ask, cost, key)
+        self._wake()
 
     def _handle(self, link: WorkerLink, msg: dict[str, Any]) -> None:
         op = msg["op"]
@@ -273,26 +372,25 @@ class Authority:
         elif op == "observed":
             self.host.observed(msg)
         elif op == "series":
+            link.report(msg)
             future = link.snapshots.pop(msg["id"], None)
             if future is not None and not future.done():
-                future.set_result(msg["families"])
+                future.set_result(None)
         elif op == "metrics":
             task = asyncio.ensure_future(self._metrics(link, msg["id"]))
             self._scrapes.add(task)
             task.add_done_callback(self._scrapes.discard)
         elif op == "status":
-            link.send({
-                "id": msg["id"], "workers": self.describe(), "admission": self.admission.stats(),
-                "engine_checks": self.host.rounds,
-            })  # fmt: skip
+            task = asyncio.ensure_future(self._status(link, msg["id"]))
+            self._scrapes.add(task)
+            task.add_done_callback(self._scrapes.discard)
         elif op == "final":  # a worker that drained: its last series, before it exits
             link.last = msg["families"]
 
     def _granted(self, link: WorkerLink, ask: int, cost: int, key: str, waited: float) -> None:
         """A slot the admission gave a worker's acquire: held by that worker, which is told (a worker that is
         gone meanwhile hands it on)."""
-        link.admitted += 1
-        link.held[(cost, key)] += 1
+        link.hold(1, cost, key)
         if link.writer.is_closing():
             self._release_all(link)
         else:
@@ -316,13 +414,23 @@ class Authority:
     def levels(self) -> list[float]:
         """The admission's levels that a worker reads between its own asks (queue positions, ETAs, /status)."""
         a = self.admission
-        return [a.in_flight, a.queue_depth, a.tokens_in_flight, a.granted, a.eta(1)]
+        slots, tokens = self.spare()
+        return [a.in_flight - slots, a.queue_depth, a.tokens_in_flight - tokens, a.granted, a.eta(1)]
+
+    def stats(self) -> dict[str, Any]:
+        """The admission's state for /status: what is in flight, without the workers' spare slots (shown apart)."""
+        slots, tokens = self.spare()
+        stats = self.admission.stats()
+        stats["in_flight"] = int(stats["in_flight"]) - slots
+        stats["tokens_in_flight"] = int(stats["tokens_in_flight"]) - tokens
+        return stats | {"spare_slots": slots, "spare_tokens": tokens, "lending": self.lending}
 
     def _release_all(self, link: WorkerLink) -> None:
-        for (cost, key), count in list(link.held.items()):
-            for _ in range(count):
-                self.admission.release(cost, key)
-        link.held.clear()
+        held, link.held = link.held, {}
+        link.spare = (0, 0)
+        for key, (slots, tokens) in held.items():
+            if slots or tokens:
+                self.admission.give_back(slots, tokens, key)
 
     def _gone(self, link: WorkerLink) -> None:
         """A worker's connection closed (it exited or was killed): its waiters cancelled, its slots freed,
@@ -330,19 +438,23 @@ class Authority:
         for task in list(link.waiting.values()):
             task.cancel()
         self._release_all(link)
+        self._recalling.discard(link.index)
+        self._resume()
         self.retired.add([f for f in link.last if gateway_series(f[0])], gauges=False)
         if self.links.get(link.index) is link:
             del self.links[link.index]
         if any(link.tokens.values()):  # its tokens left the engines with it
             self._tokens_moved(link.index)
 
-    async def _snapshot(self, link: WorkerLink) -> list[Family]:
+    async def _snapshot(self, link: WorkerLink, *, light: bool = False) -> list[Family]:
+        """A worker's series (its last ones if it does not answer in time), and its admissions and spare slots
+        (only those, ``light``)."""
         ask = next(self._ids)
         future = link.snapshots[ask] = asyncio.get_running_loop().create_future()
-        link.send({"op": "series", "id": ask})
+        link.send({"op": "series", "id": ask, "light": light})
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_SNAPSHOT_TIMEOUT):
-                link.last = await future
+                await future
         link.snapshots.pop(ask, None)
         return link.last
 
@@ -362,6 +474,10 @@ class Authority:
 
     async def _metrics(self, link: WorkerLink, ask: int) -> None:
         link.send({"id": ask, "text": (await self.merged()).decode()})
+
+    async def _status(self, link: WorkerLink, ask: int) -> None:
+        await asyncio.gather(*(self._snapshot(other, light=True) for other in list(self.links.values())))
+        link.send({"id": ask, "workers": self.describe(), "admission": self.stats(), "engine_checks": self.host.rounds})
 
 
 class ParentLink:
@@ -393,6 +509,9 @@ class ParentLink:
         self._tokens_due = False
         self._outbox: Outbox | None = None  # what is sent to the parent, written at the end of this turn
         self._wake = AtTurnEnd(self._flush)
+        self.keep: tuple[int, int] | None = None  # the spare slots and tokens the parent lets this worker keep
+        self.spare = self.spare_tokens = 0  # slots (and their tokens) held from the parent and not in use
+        self.admitted = self.from_spare = 0  # requests admitted, and of them those from spare slots
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
@@ -425,10 +544,21 @@ class ParentLink:
                 if line[:1] == b"h":
                     self._told("tokens", {"held": _parse_held(line)})
                     continue
+                if line[:1] == b"k":
+                    _, slots, tokens = line[:-1].split(b" ")
+                    self.keep = (int(slots), int(tokens))
+                    continue
+                if line == _RECALL:
+                    self._give_spare_back()
+                    continue
                 msg = json.loads(line)
                 op = msg.get("op")
                 if op == "series":
-                    self._send({"op": "series", "id": msg["id"], "families": self.series()})
+                    self._send({
+                        "op": "series", "id": msg["id"], "families": None if msg["light"] else self.series(),
+                        "admitted": self.admitted, "from_spare": self.from_spare,
+                        "spare": [self.spare, self.spare_tokens],
+                    })  # fmt: skip
                     continue
                 if op is not None:
                     self._told(op, msg)
@@ -442,6 +572,13 @@ class ParentLink:
             pass
         log.error("the parent's coordination socket closed: draining this worker")
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _give_spare_back(self) -> None:
+        """The parent calls the spare slots back (a request somewhere does not fit): all of them go, and every
+        request asks the parent until it says they may be kept again."""
+        self.keep = None
+        self._put(_spare_line(self.spare, self.spare_tokens))
+        self.spare = self.spare_tokens = 0
 
     def _granted(self, line: bytes) -> None:
         """The parent's answer to an acquire: a slot, and the admission's levels (see ``_grant_line``)."""
@@ -486,6 +623,13 @@ class ParentLink:
         return await future
 
     async def acquire(self, cost: int, key: str = "") -> float:
+        """A spare slot when there is one with the tokens (no message, no wait), else the parent's grant."""
+        if self.spare and cost <= self.spare_tokens:  # (spare only while the parent lets them be kept)
+            self.spare -= 1
+            self.spare_tokens -= cost
+            self.admitted += 1
+            self.from_spare += 1
+            return 0.0
         ask = next(self._ids)
         future = self._answers[ask] = asyncio.get_running_loop().create_future()
         self._put(_acquire_line(ask, cost, key))
@@ -498,9 +642,16 @@ class ParentLink:
         if "error" in answer:
             error_type, message, retry_after = answer["error"]
             raise GatewayError(error_type, message, retry_after=retry_after)
+        self.admitted += 1
         return float(answer["waited"])
 
     def release(self, cost: int, key: str = "") -> None:
+        """The slot kept spare while the parent lets this worker keep it (within the bounds), else handed back."""
+        keep = self.keep
+        if keep is not None and self.spare < keep[0] and self.spare_tokens + cost <= keep[1]:
+            self.spare += 1
+            self.spare_tokens += cost
+            return
         self._put(_release_line(cost, key))
 
     def retry_after(self) -> float:

@@ -37,6 +37,11 @@ log = logging.getLogger("gateway.workers")
 
 _QUICK_DEATH = 1.0  # a worker that dies sooner than this after its start waits as long before its restart
 _PR_SET_PDEATHSIG = 1
+# A worker's tokens at an engine reach the others when they moved by 1/(_KV_DRIFT x workers) of its KV room since
+# they last did (so the room as any worker sees it is off by under 1/_KV_DRIFT of it), went back to none, or every
+# time once the room is in its last 1/_KV_CLOSE.
+_KV_DRIFT = 16
+_KV_CLOSE = 4
 
 
 class WorkerGateway(Gateway):
@@ -61,6 +66,8 @@ class WorkerGateway(Gateway):
                 self.access.limiter.store = LocalStore(workers)
         self._share_breakers()
         self.router.held = self._held
+        self._drift = _KV_DRIFT * workers
+        self._told: dict[str, int] = {}  # engine URL -> this worker's tokens there as the parent last heard them
         parent.tokens = self._tokens
         parent.on_tokens = self._others
         parent.on_engines = self.apply
@@ -76,11 +83,18 @@ class WorkerGateway(Gateway):
                 state.breaker = SharedBreaker(upstream, self.parent.observed, s.breaker_failures, s.breaker_cooldown)
 
     def _held(self, state: EngineState) -> None:
-        if state.capacity(time.monotonic()):  # its KV room is admitted: the other workers must count these
-            self.parent.held()
+        """Its tokens at an engine whose KV room is admitted moved: the other workers must count them (see
+        _KV_DRIFT)."""
+        now = time.monotonic()
+        capacity = state.capacity(now)
+        moved = state.tokens - self._told.get(state.upstream.url, 0)
+        if capacity and moved:
+            if not state.tokens or abs(moved) * self._drift >= capacity or state.room(now) * _KV_CLOSE < capacity:
+                self.parent.held()
 
     def _tokens(self) -> dict[str, int]:
-        return {u.url: state.tokens for u, state in self.router.states.items()}
+        self._told = {u.url: state.tokens for u, state in self.router.states.items()}
+        return self._told
 
     def apply(self, state: dict[str, Any]) -> None:
         """The parent's engine state: the engines (as its DNS discovery found them), each one's health, models,
@@ -179,7 +193,8 @@ class Supervisor:
             out.append({
                 "index": w.index, "pid": w.proc.pid if w.proc else None, "restarts": w.restarts,
                 "uptime_seconds": round(now - w.started, 3), "connected": link is not None,
-                "admitted": link.admitted if link else 0,
+                "admitted": link.admitted if link else 0, "from_spare": link.from_spare if link else 0,
+                "spare_slots": link.spare[0] if link else 0,
             })  # fmt: skip
         return out
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.access.keys import digest
 from tests.harness import CHAT, HELLO, MODEL, Process, error_body, free_port, samples, value, wait_http
@@ -111,6 +112,21 @@ async def per_worker(
     raise AssertionError("one worker took every connection")
 
 
+async def connections_to(sessions: AsyncExitStack, url: str, worker: int, count: int) -> list[aiohttp.ClientSession]:
+    """``count`` clients, each kept on one connection to ``worker``."""
+    found: list[aiohttp.ClientSession] = []
+    for _ in range(3000):
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        if await worker_of(session, url) != worker:
+            await session.close()
+            continue
+        found.append(session)
+        sessions.push_async_callback(session.close)
+        if len(found) == count:
+            return found
+    raise AssertionError(f"worker {worker} took too few connections")
+
+
 async def status_of(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> Any:
     async with session.get(url + "/status", headers=headers) as r:
         assert r.status == 200
@@ -191,21 +207,87 @@ async def test_both_workers_serve_and_every_scrape_gives_the_same_exact_totals()
             assert text.count("# TYPE gateway_requests_total counter") == 1  # one family, not one per worker
 
 
-async def test_max_concurrency_holds_across_workers() -> None:
-    with stack("--max-concurrency", "3") as (sim, url, _gw):
-        results = await asyncio.gather(*(chat(url, SLOW) for _ in range(20)))
-        assert [status for status, _ in results] == [200] * 20
+@pytest.mark.parametrize(("limit", "sent"), [(3, 20), (16, 48)])  # 16: the workers keep spare slots, 2 each
+async def test_max_concurrency_holds_across_workers(limit: int, sent: int) -> None:
+    with stack("--max-concurrency", str(limit)) as (sim, url, _gw):
+        results = await asyncio.gather(*(chat(url, SLOW) for _ in range(sent)))
+        assert [status for status, _ in results] == [200] * sent
         assert all(body["usage"]["completion_tokens"] == SLOW for _, body in results)
         state = await get_json(sim + "/admin/state")
-        assert 1 <= state["peak_running"] <= 3
+        assert 1 <= state["peak_running"] <= limit
         assert state["running"] == 0
-        await counted(url, 20)
+        await counted(url, sent)
         text = await scrape(url)
-        assert answered(text) == 20
-        assert value(text, "gateway_concurrency_limit") == 3
+        assert answered(text) == sent
+        assert value(text, "gateway_concurrency_limit") == limit
         assert value(text, "gateway_requests_in_flight") == 0
         workers = (await get_json(url + "/status"))["workers"]
-        assert sum(w["admitted"] for w in workers) == 20
+        assert sum(w["admitted"] for w in workers) == sent
+
+
+async def test_a_worker_admits_from_its_spare_slots_and_every_count_stays_exact() -> None:
+    """Freed slots kept spare in a worker admit its next requests without asking the parent; /status and
+    /metrics count them, and what is in flight is what is in flight."""
+    with stack() as (sim, url, _gw):
+        async with AsyncExitStack() as sessions:
+            for session in (await per_worker(sessions, url)).values():
+                for _ in range(12):
+                    async with session.post(url + CHAT, json={"model": MODEL, "messages": HELLO}) as r:
+                        assert r.status == 200
+                        await r.read()
+        await counted(url, 24)
+        status = await get_json(url + "/status")
+        workers = status["workers"]
+        assert sum(w["admitted"] for w in workers) == 24
+        assert all(0 < w["from_spare"] < w["admitted"] for w in workers), workers  # the first ones asked
+        admission = status["admission"]
+        assert admission["lending"] is True
+        assert admission["spare_slots"] == sum(w["spare_slots"] for w in workers) >= 2
+        assert admission["in_flight"] == admission["tokens_in_flight"] == admission["queue_depth"] == 0
+        text = await scrape(url)
+        assert value(text, "gateway_requests_in_flight") == value(text, "gateway_tokens_in_flight") == 0
+        assert (await get_json(sim + "/admin/state"))["peak_running"] == 1
+
+
+async def test_spare_slots_are_called_back_before_a_request_waits_or_is_refused() -> None:
+    """All 8 slots, one of them spare in the other worker: the 8th request through one worker gets it (with no
+    queue at all), the 9th is refused, and the spare slots come back once the requests are gone."""
+    with stack("--max-concurrency", "8", "--max-queue", "0") as (sim, url, _gw):
+        async with AsyncExitStack() as sessions:
+            pairs = await per_worker(sessions, url)
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            async with pairs[0].post(url + CHAT, json=body) as r:  # its slot kept spare by worker 0
+                assert r.status == 200
+                await r.read()
+
+            async def spare() -> bool:
+                return [w["spare_slots"] for w in (await get_json(url + "/status"))["workers"]] == [1, 0]
+
+            await until(spare, "worker 0's spare slot")
+            ones = await connections_to(sessions, url, 1, 8)
+            await faults(sim, hang=True)
+            held = [asyncio.ensure_future(session.post(url + CHAT, json=body)) for session in ones]
+
+            async def at_the_engine() -> bool:
+                journal = (await get_json(sim + "/admin/state"))["requests"]
+                return [e["outcome"] for e in journal].count("hang") == 8
+
+            await until(at_the_engine, "8 requests at the engine")
+            assert not any(future.done() for future in held)  # none refused
+            admission = (await get_json(url + "/status"))["admission"]
+            assert (admission["in_flight"], admission["spare_slots"], admission["lending"]) == (8, 0, False)
+            async with pairs[0].post(url + CHAT, json=body) as r:
+                assert r.status == 429
+                assert (await r.json())["error"]["code"] == "queue_full"
+            for future in held:
+                future.cancel()
+            await faults(sim, hang=False)
+
+            async def lending_again() -> bool:
+                admission = (await get_json(url + "/status"))["admission"]
+                return admission["in_flight"] == 0 and admission["lending"] is True
+
+            await until(lending_again, "the slots free and lent again")
 
 
 async def test_a_killed_worker_is_restarted_and_no_counter_goes_backwards() -> None:
@@ -224,6 +306,9 @@ async def test_a_killed_worker_is_restarted_and_no_counter_goes_backwards() -> N
 
         await until(restarted, "worker 0 to be started again")
         wait_http(url + "/health/ready")
+        status = await get_json(url + "/status")  # its slots, spare ones too, left with it
+        assert status["admission"]["in_flight"] == status["admission"]["tokens_in_flight"] == 0
+        assert status["admission"]["spare_slots"] == status["workers"][1]["spare_slots"]
         after = await scrape(url)
         old, new = cumulative(before), cumulative(after)
         assert all(new.get(k, 0) >= v for k, v in old.items()), [k for k, v in old.items() if new.get(k, 0) < v]
