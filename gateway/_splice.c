@@ -9,9 +9,6 @@
  * more: ``stall()``) goes to ``back(data)``, the Python path, which takes the connection back and handles it as
  * gateway/relay.py and gateway/client.py always do.  No Python frame runs and no Python object is made per token.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE /* memmem */
-#endif
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -53,14 +50,41 @@ static int hex_value(char c) {
     return -1;
 }
 
-static Py_ssize_t count(const char *haystack, Py_ssize_t len, const char *needle, Py_ssize_t size) {
+/* Non-overlapping "\n\n" (an event's end) in ``p``, as bytes.count: memchr to each '\n' (glibc's memmem sets up
+ * a search per call, and these scans run per token). */
+static Py_ssize_t count_ends(const char *p, Py_ssize_t len) {
     Py_ssize_t found = 0;
-    const char *end = haystack + len;
-    while (haystack + size <= end) {
-        const char *at = memmem(haystack, (size_t)(end - haystack), needle, (size_t)size);
+    if (len < 2) return 0;
+    const char *last = p + len - 1; /* a match starts before it */
+    while (p < last) {
+        const char *at = memchr(p, '\n', (size_t)(last - p));
         if (at == NULL) break;
-        found++;
-        haystack = at + size; /* non-overlapping, as bytes.count */
+        if (at[1] == '\n') {
+            found++;
+            p = at + 2;
+        } else {
+            p = at + 1;
+        }
+    }
+    return found;
+}
+
+/* Non-overlapping NOT_FINISHED in ``p``, as bytes.count: memchr to each '_', the marker's only one (at
+ * NOT_FINISHED_AT), and a compare there. */
+#define NOT_FINISHED_AT 7
+static Py_ssize_t count_not_finished(const char *p, Py_ssize_t len) {
+    Py_ssize_t found = 0;
+    const char *end = p + len, *q = p + NOT_FINISHED_AT;
+    while (q < end) {
+        const char *at = memchr(q, '_', (size_t)(end - q));
+        if (at == NULL) break;
+        const char *start = at - NOT_FINISHED_AT;
+        if ((size_t)(end - start) >= NOT_FINISHED_LEN && memcmp(start, NOT_FINISHED, NOT_FINISHED_LEN) == 0) {
+            found++;
+            q = start + NOT_FINISHED_LEN + NOT_FINISHED_AT; /* the next one starts after this one */
+        } else {
+            q = at + 1;
+        }
     }
     return found;
 }
@@ -85,8 +109,8 @@ static int whole_token_chunks(const char *p, Py_ssize_t len, Py_ssize_t *events,
         const char *chunk = p + pos;
         if (chunk[size] != '\r' || chunk[size + 1] != '\n') return 0;
         if (size < 2 || chunk[size - 2] != '\n' || chunk[size - 1] != '\n') return 0; /* an event left open */
-        Py_ssize_t ends = count(chunk, (Py_ssize_t)size, "\n\n", 2);
-        if (ends != count(chunk, (Py_ssize_t)size, NOT_FINISHED, NOT_FINISHED_LEN)) return 0;
+        Py_ssize_t ends = count_ends(chunk, (Py_ssize_t)size);
+        if (ends != count_not_finished(chunk, (Py_ssize_t)size)) return 0;
         n += ends;
         bytes += (Py_ssize_t)size;
         pos += (Py_ssize_t)size + 2;

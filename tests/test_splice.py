@@ -339,6 +339,13 @@ pieces = st.sampled_from(
         b"ff\r\n",
         TOKEN,
         NOT_FINISHED,
+        # the scans' edges: ends and markers run together, cut short, or with other '_' about them
+        chunk(TOKEN + b"\n"),
+        chunk(b"_" + NOT_FINISHED + NOT_FINISHED + b"\n\n\n\n"),
+        chunk(b'"finish' + NOT_FINISHED[:-1] + b"\n\n"),
+        chunk(NOT_FINISHED + b"_\n\n"),
+        b"\n\n\n",
+        b"_",
     ]
 )
 
