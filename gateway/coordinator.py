@@ -369,6 +369,8 @@ class Authority:
             task = link.waiting.get(msg["id"])
             if task is not None:
                 task.cancel()  # a grant at this moment is handed on by Admission itself
+            elif self._deferred is not None:  # waiting for the spare slots to come back: it need not wait at all
+                self._deferred = [d for d in self._deferred if d[0] is not link or d[1] != msg["id"]]
         elif op == "observed":
             self.host.observed(msg)
         elif op == "series":
