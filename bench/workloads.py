@@ -359,7 +359,7 @@ async def streams_c64(ctx: Ctx) -> Result:
             gap["gateway"] - gap["direct"], "", None),
         Row(3, "proxy CPU, c=64 (share of its core)", "%", None, *cpu, None, "", None),
         Row(3, "events per proxy CPU-second (value: gateway / nginx)", "ev/s", None, *per_cpu,
-            per_cpu[1] / per_cpu[0], "", None),
+            per_cpu[1] / per_cpu[0], "≥ 0.8 × nginx (issue 14)", per_cpu[1] / per_cpu[0] >= 0.8),
     ]  # fmt: skip
     if "litellm" in runs:
         rows.append(Row(3, "LiteLLM SSE events/s, c=64 (value: gateway / LiteLLM)", "ev/s", None, None, None,
