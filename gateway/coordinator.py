@@ -30,6 +30,7 @@ _LINE_LIMIT = 1 << 28  # bytes of one message: a worker's series, the merged exp
 _WATCH_INTERVAL = 1.0  # seconds between looks at the keys file (as one process's watch)
 _SPARE_SHARE = 4  # a worker keeps at most this fraction (1/4) of its even share of the slots and tokens spare
 _NO_BUDGET = 1 << 62  # the spare tokens' bound without --max-tokens-in-flight: the slots' bound is the one
+_RECALL_TIMEOUT = 0.25  # seconds the acquires wait for every worker's spare slots; a stalled worker keeps its own
 
 
 class AtTurnEnd:
@@ -206,6 +207,7 @@ class Authority:
         self.lending = False  # the workers are told that they may keep spare slots
         self._recalling: set[int] = set()  # the workers whose spare slots are called back and not yet returned
         self._deferred: list[tuple[WorkerLink, int, int, str]] | None = None  # acquires that wait for them meanwhile
+        self._recall_timer: asyncio.TimerHandle | None = None
         m, a = self.host.metrics, self.admission
         m.in_flight.set_function(lambda: a.in_flight - self.spare()[0])  # type: ignore[attr-defined]
         m.tokens_in_flight.set_function(lambda: a.tokens_in_flight - self.spare()[1])  # type: ignore[attr-defined]
@@ -327,12 +329,15 @@ class Authority:
         if not self._pending and self.admission.try_acquire(cost, key):
             self._granted(link, ask, cost, key, 0.0)
             return
-        if self.lending:  # the room it needs may be spare in a worker: called back before it waits or is refused
+        a = self.admission
+        if self.lending and not (a.max_tokens and cost > a.max_tokens):
+            # the room it needs may be spare in a worker: called back before it waits or is refused
             self.lending = False
             self._recalling = set(self.links)
             self._deferred = [(link, ask, cost, key)]
             for other in self.links.values():
                 other.write(_RECALL)
+            self._recall_timer = asyncio.get_running_loop().call_later(_RECALL_TIMEOUT, self._recall_expired)
             return
         self._pending += 1  # until it is decided, later acquires take this way too: none overtakes it
         task = asyncio.ensure_future(self.admission.acquire(cost, key))
@@ -354,9 +359,20 @@ class Authority:
         self._recalling.discard(link.index)
         self._resume()
 
+    def _recall_expired(self) -> None:
+        """A worker that has not answered the call-back in time (stopped, its loop blocked) keeps its spare slots
+        until it does; the acquires go on without them."""
+        self._recall_timer = None
+        log.warning("workers %s did not give their spare slots back in %g s", sorted(self._recalling), _RECALL_TIMEOUT)
+        self._recalling.clear()
+        self._resume()
+
     def _resume(self) -> None:
         if self._deferred is None or self._recalling:
             return
+        if self._recall_timer is not None:
+            self._recall_timer.cancel()
+            self._recall_timer = None
         deferred, self._deferred = self._deferred, None
         for link, ask, cost, key in deferred:
             if self.links.get(link.index) is link:
@@ -393,7 +409,7 @@ class Authority:
         """A slot the admission gave a worker's acquire: held by that worker, which is told (a worker that is
         gone meanwhile hands it on)."""
         link.hold(1, cost, key)
-        if link.writer.is_closing():
+        if self.links.get(link.index) is not link or link.writer.is_closing():
             self._release_all(link)
         else:
             link.write(_grant_line(ask, waited, self.levels(), cost, key))
@@ -440,11 +456,12 @@ class Authority:
         for task in list(link.waiting.values()):
             task.cancel()
         self._release_all(link)
-        self._recalling.discard(link.index)
-        self._resume()
         self.retired.add([f for f in link.last if gateway_series(f[0])], gauges=False)
         if self.links.get(link.index) is link:
             del self.links[link.index]
+        self._recalling.discard(link.index)
+        self._resume()  # (without its own deferred acquires: it is no longer one of the links)
+        self._wake()  # the end of this turn looks whether spare slots may be kept again
         if any(link.tokens.values()):  # its tokens left the engines with it
             self._tokens_moved(link.index)
 

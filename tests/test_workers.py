@@ -86,6 +86,12 @@ async def chat(url: str, max_tokens: int = 2, headers: dict[str, str] | None = N
         return r.status, await r.json()
 
 
+async def chat_on(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> int:
+    async with session.post(url + CHAT, json=body) as r:
+        await r.read()
+        return r.status
+
+
 async def worker_of(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> int:
     async with session.get(url + "/status", headers=headers) as r:
         assert r.status == 200
@@ -639,3 +645,76 @@ async def test_every_worker_serves_the_metrics_port() -> None:
         assert [w["restarts"] for w in (await get_json(admin + "/status"))["workers"]] == [0, 0]
         gw.signal(signal.SIGTERM)
         assert gw.wait() == 0
+
+
+async def test_a_stalled_worker_does_not_hold_back_the_other_workers_admission() -> None:
+    """A worker that stops reading its socket (stopped, its loop blocked) while a call-back is out: the other
+    worker's request that did not fit gets the slot that frees up, as it would without spare slots."""
+    with stack("--max-concurrency", "8", "--max-queue", "4", "--queue-timeout", "3") as (sim, url, _gw):
+        async with AsyncExitStack() as sessions:
+            zeros = await connections_to(sessions, url, 0, 9)
+
+            async def both_connected() -> bool:
+                return all(w["connected"] for w in (await get_json(url + "/status"))["workers"])
+
+            await until(both_connected, "both workers connected to the parent")
+            stalled = (await get_json(url + "/status"))["workers"][1]["pid"]
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            await faults(sim, hang=True)
+            held = [asyncio.ensure_future(session.post(url + CHAT, json=body)) for session in zeros[:8]]
+
+            async def at_the_engine() -> bool:
+                journal = (await get_json(sim + "/admin/state"))["requests"]
+                return [e["outcome"] for e in journal].count("hang") == 8
+
+            await until(at_the_engine, "8 requests at the engine")
+            await faults(sim, hang=False)
+            os.kill(stalled, signal.SIGSTOP)
+            ninth = asyncio.ensure_future(chat_on(zeros[8], url, body))
+            try:
+                await asyncio.sleep(0.5)  # it reached the parent, which called the spare slots back
+                held[0].cancel()  # a slot frees up: the ninth request's
+                done, _ = await asyncio.wait([ninth], timeout=5)
+                assert done, "the ninth request still waits with a slot free (or past --queue-timeout)"
+                assert ninth.result() == 200
+            finally:
+                os.kill(stalled, signal.SIGCONT)
+                for future in (*held, ninth):
+                    future.cancel()
+
+
+async def test_a_worker_that_dies_with_the_call_back_out_leaves_no_waiter_behind() -> None:
+    """Worker 0's acquire does not fit and calls the spare slots back; worker 1 answers, worker 0 dies before it
+    does: its acquire, deferred meanwhile, leaves with it (no place in the queue, no slot)."""
+    with stack("--max-concurrency", "8", "--max-queue", "1", "--queue-timeout", "30") as (sim, url, gw):
+        async with AsyncExitStack() as sessions:
+            ones = await connections_to(sessions, url, 1, 9)
+            zero = (await connections_to(sessions, url, 0, 1))[0]
+            pid = (await status_of(zero, url))["workers"][0]["pid"]
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            await faults(sim, hang=True)
+            held = [asyncio.ensure_future(session.post(url + CHAT, json=body)) for session in ones[:8]]
+
+            async def at_the_engine() -> bool:
+                journal = (await get_json(sim + "/admin/state"))["requests"]
+                return [e["outcome"] for e in journal].count("hang") == 8
+
+            await until(at_the_engine, "8 requests at the engine")
+            gw.signal(signal.SIGSTOP)  # the parent reads worker 0's acquire only once worker 0 is stopped
+            ninth = asyncio.ensure_future(chat_on(zero, url, body))
+            try:
+                await asyncio.sleep(0.3)
+                os.kill(pid, signal.SIGSTOP)
+            finally:
+                gw.signal(signal.SIGCONT)
+            await asyncio.sleep(0.3)  # the call-back out: worker 1 answers it, worker 0 (stopped) does not
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            try:
+                admission = (await status_of(ones[8], url))["admission"]
+                assert admission["queue_depth"] == 0, admission
+                assert admission["in_flight"] == 8, admission
+            finally:
+                for future in (*held, ninth):
+                    future.cancel()
+                await faults(sim, hang=False)
