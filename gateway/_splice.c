@@ -69,21 +69,20 @@ static Py_ssize_t count_ends(const char *p, Py_ssize_t len) {
     return found;
 }
 
-/* Non-overlapping NOT_FINISHED in ``p``, as bytes.count: memchr to each '_', the marker's only one (at
- * NOT_FINISHED_AT), and a compare there. */
+/* Non-overlapping NOT_FINISHED in ``p``, as bytes.count: memchr to each '_' (the marker's only one, at
+ * NOT_FINISHED_AT) and a compare there; offsets, so that no pointer goes past the end. */
 #define NOT_FINISHED_AT 7
 static Py_ssize_t count_not_finished(const char *p, Py_ssize_t len) {
-    Py_ssize_t found = 0;
-    const char *end = p + len, *q = p + NOT_FINISHED_AT;
-    while (q < end) {
-        const char *at = memchr(q, '_', (size_t)(end - q));
+    Py_ssize_t found = 0, i = NOT_FINISHED_AT; /* where the '_' of a marker at the start would be */
+    while (i < len) {
+        const char *at = memchr(p + i, '_', (size_t)(len - i));
         if (at == NULL) break;
-        const char *start = at - NOT_FINISHED_AT;
-        if ((size_t)(end - start) >= NOT_FINISHED_LEN && memcmp(start, NOT_FINISHED, NOT_FINISHED_LEN) == 0) {
+        Py_ssize_t start = (at - p) - NOT_FINISHED_AT;
+        if (len - start >= (Py_ssize_t)NOT_FINISHED_LEN && memcmp(p + start, NOT_FINISHED, NOT_FINISHED_LEN) == 0) {
             found++;
-            q = start + NOT_FINISHED_LEN + NOT_FINISHED_AT; /* the next one starts after this one */
+            i = start + (Py_ssize_t)NOT_FINISHED_LEN + NOT_FINISHED_AT; /* the next one starts after this one */
         } else {
-            q = at + 1;
+            i = (at - p) + 1;
         }
     }
     return found;

@@ -28,7 +28,7 @@ log = logging.getLogger("gateway.workers")
 _SNAPSHOT_TIMEOUT = 2.0  # seconds a worker has to send its series for a scrape; its last ones count after
 _LINE_LIMIT = 1 << 28  # bytes of one message: a worker's series, the merged exposition
 _WATCH_INTERVAL = 1.0  # seconds between looks at the keys file (as one process's watch)
-_SPARE_SHARE = 4  # a worker keeps at most this fraction (1/4) of its even share of the slots and tokens spare
+_SPARE_SHARE = 4  # a worker keeps spare at most its even share of the slots and tokens divided by this
 _NO_BUDGET = 1 << 62  # the spare tokens' bound without --max-tokens-in-flight: the slots' bound is the one
 _RECALL_TIMEOUT = 0.25  # seconds the acquires wait for every worker's spare slots; a stalled worker keeps its own
 
@@ -161,7 +161,7 @@ class WorkerLink:
     spare: tuple[int, int] = (0, 0)  # its slots and tokens held and not in use, as it last said
     held: dict[str, list[int]] = field(default_factory=dict)  # key -> [slots, tokens] held (in use or spare)
     waiting: dict[int, asyncio.Task[float]] = field(default_factory=dict)
-    snapshots: dict[int, asyncio.Future[list[Family]]] = field(default_factory=dict)
+    snapshots: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # asked, until it answers
     last: list[Family] = field(default_factory=list)  # its series at the last scrape
     tokens: dict[str, int] = field(default_factory=dict)  # engine URL -> its tokens in flight there, last said
 
@@ -178,7 +178,8 @@ class WorkerLink:
 
     def report(self, msg: dict[str, Any]) -> None:
         """What it said of itself in answer to a snapshot: its admissions, spare slots and (unless light) series."""
-        self.admitted, self.from_spare, self.spare = msg["admitted"], msg["from_spare"], tuple(msg["spare"])
+        slots, tokens = msg["spare"]
+        self.admitted, self.from_spare, self.spare = msg["admitted"], msg["from_spare"], (int(slots), int(tokens))
         if msg.get("families") is not None:
             self.last = msg["families"]
 
@@ -358,6 +359,7 @@ class Authority:
         self.admission.give_back(slots, tokens)
         self._recalling.discard(link.index)
         self._resume()
+        self._wake()  # (a late answer may be what leaves room to lend again)
 
     def _recall_expired(self) -> None:
         """A worker that has not answered the call-back in time (stopped, its loop blocked) keeps its spare slots
@@ -465,9 +467,9 @@ class Authority:
         if any(link.tokens.values()):  # its tokens left the engines with it
             self._tokens_moved(link.index)
 
-    async def _snapshot(self, link: WorkerLink, *, light: bool = False) -> list[Family]:
-        """A worker's series (its last ones if it does not answer in time), and its admissions and spare slots
-        (only those, ``light``)."""
+    async def _snapshot(self, link: WorkerLink, *, light: bool = False) -> None:
+        """A worker's admissions and spare slots, and (unless ``light``) its series into ``link.last``; what it said
+        last stands if it does not answer in time."""
         ask = next(self._ids)
         future = link.snapshots[ask] = asyncio.get_running_loop().create_future()
         link.send({"op": "series", "id": ask, "light": light})
@@ -475,15 +477,16 @@ class Authority:
             async with asyncio.timeout(_SNAPSHOT_TIMEOUT):
                 await future
         link.snapshots.pop(ask, None)
-        return link.last
 
     async def merged(self) -> bytes:
         """One scrape for the host: every worker's gateway_* series merged with the dead workers' counters, the
         parent's global gauges (admission, engine up, breakers), GPU and host series, each process's process_*
         and python_* (labelled ``worker``), and the engines' vllm:* series of the parent's fetch."""
         merged = Merged()
-        for fams in await asyncio.gather(*(self._snapshot(link) for link in list(self.links.values()))):
-            merged.add(fams)
+        links = list(self.links.values())
+        await asyncio.gather(*(self._snapshot(link) for link in links))
+        for link in links:
+            merged.add(link.last)
         merged.add(self.retired.families())
         own = families(self.host.registry.collect(), "parent")
         merged.put(f for f in own if parents_series(f[0]))
@@ -500,9 +503,10 @@ class Authority:
 
 
 class ParentLink:
-    """A worker's side: its admission (every slot asked of the parent's ``Admission``; the same interface, so the
-    proxy does not know; queue positions and ETAs read from the parent's state at its last answer), the parent's
-    engine state and keys reloads as they come, and what its requests observed of the engines, sent up."""
+    """A worker's side: its admission (spare slots while the parent lends them, else a slot asked of the parent's
+    ``Admission``; the same interface, so the proxy does not know; queue positions and ETAs read from the parent's
+    state at its last answer), the parent's engine state and keys reloads as they come, and what its requests
+    observed of the engines, sent up."""
 
     def __init__(self, settings: Settings, index: int) -> None:
         self.max_concurrency = settings.max_concurrency
@@ -607,7 +611,7 @@ class ParentLink:
         future = self._answers.pop(int(ask), None)
         if future is not None and not future.done():
             future.set_result({"waited": float(waited)})
-        else:  # granted after this worker gave up waiting: hand it back
+        else:  # granted after this worker gave up waiting: released (kept spare, or handed back)
             self.release(int(cost), key.decode())
 
     def _told(self, op: str, msg: dict[str, Any]) -> None:

@@ -37,9 +37,10 @@ log = logging.getLogger("gateway.workers")
 
 _QUICK_DEATH = 1.0  # a worker that dies sooner than this after its start waits as long before its restart
 _PR_SET_PDEATHSIG = 1
-# A worker's tokens at an engine reach the others when they moved by 1/(_KV_DRIFT x workers) of its KV room since
-# they last did (so the room as any worker sees it is off by under 1/_KV_DRIFT of it), went back to none, or every
-# time once the room is in its last 1/_KV_CLOSE.
+# A worker's tokens at an engine reach the others when they moved by 1/(_KV_DRIFT x workers) of its admitted KV
+# capacity (capacity x --kv-headroom) since they last did (so the room any worker sees is off by under
+# 1/_KV_DRIFT of that), went back to none, or, once the room free there is under 1/_KV_CLOSE of it, whenever they
+# differ from what the others last heard (checked as this worker's own change and as news of the others' come).
 _KV_DRIFT = 16
 _KV_CLOSE = 4
 
@@ -83,8 +84,8 @@ class WorkerGateway(Gateway):
                 state.breaker = SharedBreaker(upstream, self.parent.observed, s.breaker_failures, s.breaker_cooldown)
 
     def _held(self, state: EngineState) -> None:
-        """Its tokens at an engine whose KV room is admitted moved: the other workers must count them (see
-        _KV_DRIFT)."""
+        """Its tokens at an engine whose KV room is admitted moved, or the room did: the other workers must count
+        them (see _KV_DRIFT)."""
         now = time.monotonic()
         capacity = state.capacity(now)
         moved = state.tokens - self._told.get(state.upstream.url, 0)
@@ -118,6 +119,7 @@ class WorkerGateway(Gateway):
         me = str(self.parent.index)
         for upstream, state in self.router.states.items():
             state.others = sum(tokens for worker, tokens in held.get(upstream.url, {}).items() if worker != me)
+            self._held(state)  # the room near its end: what this worker holds unsaid counts now
         self.router.refreshed()
 
     def series(self) -> list[Family]:

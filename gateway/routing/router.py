@@ -308,7 +308,9 @@ class Router:
             self.metrics.child(self.metrics.retries, left.name, reason).inc()
         state = self.states.get(to)
         if route.held is not None and state is not None:  # an admitted request: its tokens and decision move along
+            was = route.held
             route.hold(state, time.monotonic())
+            self._held(was)
             self._held(state)
             self._decided(to, RETRY)
         return to
