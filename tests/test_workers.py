@@ -153,6 +153,22 @@ async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def hung(
+    sim: str, url: str, sessions: list[aiohttp.ClientSession], body: dict[str, Any]
+) -> list[asyncio.Future[Any]]:
+    """One request on each session, every one of them at the engine, which holds them (``hang``) until their
+    clients leave."""
+    await faults(sim, hang=True)
+    held = [asyncio.ensure_future(session.post(url + CHAT, json=body)) for session in sessions]
+
+    async def at_the_engine() -> bool:
+        journal = (await get_json(sim + "/admin/state"))["requests"]
+        return [e["outcome"] for e in journal].count("hang") == len(sessions)
+
+    await until(at_the_engine, f"{len(sessions)} requests at the engine")
+    return held
+
+
 async def counted(url: str, total: int, headers: dict[str, str] | None = None) -> None:
     """Wait until the last answers are counted: a client has its last byte a moment before the gateway
     finishes the request's accounting."""
@@ -271,14 +287,7 @@ async def test_spare_slots_are_called_back_before_a_request_waits_or_is_refused(
 
             await until(spare, "worker 0's spare slot")
             ones = await connections_to(sessions, url, 1, 8)
-            await faults(sim, hang=True)
-            held = [asyncio.ensure_future(session.post(url + CHAT, json=body)) for session in ones]
-
-            async def at_the_engine() -> bool:
-                journal = (await get_json(sim + "/admin/state"))["requests"]
-                return [e["outcome"] for e in journal].count("hang") == 8
-
-            await until(at_the_engine, "8 requests at the engine")
+            held = await hung(sim, url, ones, body)
             assert not any(future.done() for future in held)  # none refused
             admission = (await get_json(url + "/status"))["admission"]
             assert (admission["in_flight"], admission["spare_slots"], admission["lending"]) == (8, 0, False)
@@ -660,14 +669,7 @@ async def test_a_stalled_worker_does_not_hold_back_the_other_workers_admission()
             await until(both_connected, "both workers connected to the parent")
             stalled = (await get_json(url + "/status"))["workers"][1]["pid"]
             body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
-            await faults(sim, hang=True)
-            held = [asyncio.ensure_future(session.post(url + CHAT, json=body)) for session in zeros[:8]]
-
-            async def at_the_engine() -> bool:
-                journal = (await get_json(sim + "/admin/state"))["requests"]
-                return [e["outcome"] for e in journal].count("hang") == 8
-
-            await until(at_the_engine, "8 requests at the engine")
+            held = await hung(sim, url, zeros[:8], body)
             await faults(sim, hang=False)
             os.kill(stalled, signal.SIGSTOP)
             ninth = asyncio.ensure_future(chat_on(zeros[8], url, body))
@@ -692,14 +694,7 @@ async def test_a_worker_that_dies_with_the_call_back_out_leaves_no_waiter_behind
             zero = (await connections_to(sessions, url, 0, 1))[0]
             pid = (await status_of(zero, url))["workers"][0]["pid"]
             body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
-            await faults(sim, hang=True)
-            held = [asyncio.ensure_future(session.post(url + CHAT, json=body)) for session in ones[:8]]
-
-            async def at_the_engine() -> bool:
-                journal = (await get_json(sim + "/admin/state"))["requests"]
-                return [e["outcome"] for e in journal].count("hang") == 8
-
-            await until(at_the_engine, "8 requests at the engine")
+            held = await hung(sim, url, ones[:8], body)
             gw.signal(signal.SIGSTOP)  # the parent reads worker 0's acquire only once worker 0 is stopped
             ninth = asyncio.ensure_future(chat_on(zero, url, body))
             try:
