@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -72,16 +73,23 @@ def _services(ctx: Ctx, gw_cpus: frozenset[int], engine_cpus: frozenset[int]) ->
         yield procs
 
 
+def _children_cpu_s() -> float:
+    """CPU of this process's children that have exited (wrk, once a run is over)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def _run(
-    ctx: Ctx, proc: Proc, script: Path, connections: int, cpus: frozenset[int], duration: float
+    ctx: Ctx, proc: Proc, engine: Proc, script: Path, connections: int, cpus: frozenset[int], duration: float
 ) -> dict[str, Any]:
-    """One wrk run, with the CPU the gateway's parent and all its processes used meanwhile; with --profile, the
-    parent of ``--workers 2`` (the coordination) is sampled."""
+    """One wrk run, with the CPU the gateway's parent and all its processes, the engine and wrk used meanwhile;
+    with --profile, the parent of ``--workers 2`` (the coordination) is sampled."""
     profiler = ctx.profiler if proc.name == "w2" else None
     if profiler is not None:
         await profiler.start(proc.pid)
     mark = foreign_cpu_mark()
     parent0, all0, t0 = proc.cpu_seconds(proc.pid), proc.all_cpu_seconds(), time.monotonic()
+    engine0, wrk0 = engine.cpu_seconds(), _children_cpu_s()
     try:
         run = await wrk.run(ctx.wrk, proc.url + CHAT, script, connections, duration, cpus)
     finally:
@@ -90,6 +98,8 @@ async def _run(
     seconds = time.monotonic() - t0
     run["cpu_parent_s"] = proc.cpu_seconds(proc.pid) - parent0
     run["cpu_all_s"] = proc.all_cpu_seconds() - all0
+    run["cpu_engine_s"] = engine.cpu_seconds() - engine0
+    run["cpu_wrk_s"] = _children_cpu_s() - wrk0  # (and py-spy's, with --profile)
     run["cpu_share"] = run["cpu_all_s"] / seconds
     run["other_cpu"] = other = foreign_cpu_since(mark)
     ctx.background.append(other)
@@ -121,10 +131,10 @@ async def workers(ctx: Ctx) -> Result:
         for _, key in alternate(o.repeat, tuple(runs)):
             shape, name = key.split(":")
             conns = SHAPES[shape][0]
-            runs[key].append(await _run(ctx, procs[name], scripts[shape], conns, loadgen, o.duration))
+            runs[key].append(await _run(ctx, procs[name], procs["direct"], scripts[shape], conns, loadgen, o.duration))
         served = {w["index"]: w["admitted"] for w in _status(procs["w2"].url).get("workers", [])}
     return Result(10, "--workers 1 against --workers 2, fixed-answer engine", _params(pinned, gw_cpus, served), runs,
-                  _rows(runs))  # fmt: skip
+                  _rows(runs, len(gw_cpus), pinned))  # fmt: skip
 
 
 def _params(pinned: bool, gw_cpus: frozenset[int], served: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +151,7 @@ def _params(pinned: bool, gw_cpus: frozenset[int], served: dict[str, Any]) -> di
     }
 
 
-def _rows(runs: dict[str, list[dict[str, Any]]]) -> list[Row]:
+def _rows(runs: dict[str, list[dict[str, Any]]], cores: int, pinned: bool) -> list[Row]:
     def m(key: str, field: str) -> float:
         return med([r[field] for r in runs[key]])
 
@@ -160,12 +170,19 @@ def _rows(runs: dict[str, list[dict[str, Any]]]) -> list[Row]:
     parent = per_request("chat64:w2", "cpu_parent_s")
     parent_stream = per_request("stream:w2", "cpu_parent_s")
     share = {k: 100 * m(k, "cpu_share") for k in ("chat64:w1", "chat64:w2", "stream:w1", "stream:w2")}
+    # Unpinned, the engine and wrk take their CPU per request from the gateway's cores: two workers at one worker's
+    # CPU per request (c) can serve at most cores / (c + theirs), against one worker's 1 / c.
+    engine, load = per_request("chat64:w2", "cpu_engine_s"), per_request("chat64:w2", "cpu_wrk_s")
+    bound = cores * cpu["chat64:w1"] / (cpu["chat64:w1"] + (0.0 if pinned else engine + load))
     return [
         Row(10, "requests/s, c=64 small chat (value: --workers 2 / --workers 1)", "req/s", rps["chat64:direct"],
             None, rps["chat64:w2"], r_req, f"≥ 1.7 × (--workers 1: {rps['chat64:w1']:,.0f})", r_req >= 1.7),
         Row(10, f"SSE events/s, c={STREAM_CONNECTIONS} streams (value: --workers 2 / --workers 1)", "ev/s",
             eps["stream:direct"], None, eps["stream:w2"], r_ev, f"≥ 1.7 × (--workers 1: {eps['stream:w1']:,.0f})",
             r_ev >= 1.7),
+        Row(10, "what the cores allow that ratio (value: cores x c / (c + engine's + wrk's CPU per request))", "×",
+            None, None, None, bound, f"engine {engine:.0f} µs, wrk {load:.0f} µs a request at --workers 2"
+            + ("" if not pinned else " (on cores of their own)"), None),
         Row(10, "engine headroom, c=64 chat (value: direct / --workers 1)", "req/s", rps["chat64:direct"], None,
             rps["chat64:w1"], head_req, f"≥ {ENGINE_HEADROOM:g} ×: the engine is not the limit",
             head_req >= ENGINE_HEADROOM),
