@@ -12,7 +12,7 @@ from collections import deque
 from gateway.errors import GatewayError
 from gateway.fair import FairQueue, Tenant, Waiter
 
-_RATE_WINDOW = 64  # slot releases remembered to measure how fast slots free up
+RATE_WINDOW = 64  # slot releases remembered to measure how fast slots free up
 
 
 class Admission:
@@ -35,7 +35,7 @@ class Admission:
         self.granted = 0  # slots ever granted: how far a waiter has moved up (see position)
         self.fair = FairQueue() if fair else None
         self._waiters: deque[Waiter] | FairQueue = self.fair if self.fair is not None else deque()
-        self._releases: deque[float] = deque(maxlen=_RATE_WINDOW)
+        self._releases: deque[float] = deque(maxlen=RATE_WINDOW)
 
     @property
     def queue_depth(self) -> int:
@@ -129,6 +129,11 @@ class Admission:
         """A forwarded request finished: its slot and tokens go to the next waiters."""
         self._releases.append(time.monotonic())  # measures the rate behind Retry-After
         self.give_back(1, cost, key)
+
+    def heard(self, releases: list[float]) -> None:
+        """Releases made elsewhere (time.monotonic(), the host's one clock): a worker's of its spare slots, which
+        this admission did not see.  The rate behind Retry-After counts them with its own."""
+        self._releases = deque(sorted([*self._releases, *releases])[-RATE_WINDOW:], maxlen=RATE_WINDOW)
 
     def give_back(self, slots: int, tokens: int, key: str = "") -> None:
         """Slots and their tokens no longer held (a request's, a worker's spare ones, a dead worker's): to the next

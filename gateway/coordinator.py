@@ -12,10 +12,13 @@ import logging
 import math
 import os
 import signal
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.admission import RATE_WINDOW
 from gateway.enginehost import EngineHost
 from gateway.errors import GatewayError
 from gateway.fair import FairQueue
@@ -102,7 +105,8 @@ def _parse_held(line: bytes) -> dict[str, dict[str, int]]:
 
 # Spare slots (README: Workers): ``k S T`` (parent to worker: keep up to S freed slots and T tokens spare, and admit
 # from them without asking), ``x`` (give them back and keep none until the next ``k``) and its answer ``u S T``
-# (worker to parent: the spare slots and tokens given back).
+# (worker to parent: the spare slots and tokens given back, and when it kept its last ones: the release rate
+# behind Retry-After counts them).
 _RECALL = b"x\n"
 
 
@@ -110,8 +114,8 @@ def _keep_line(slots: int, tokens: int) -> bytes:
     return b"k %d %d\n" % (slots, tokens)
 
 
-def _spare_line(slots: int, tokens: int) -> bytes:
-    return b"u %d %d\n" % (slots, tokens)
+def _spare_line(slots: int, tokens: int, released: Sequence[float]) -> bytes:
+    return b"u %d %d" % (slots, tokens) + b"".join(b" %r" % t for t in released) + b"\n"
 
 
 def spare_bounds(settings: Settings) -> tuple[int, int] | None:
@@ -299,7 +303,8 @@ class Authority:
                     link.tokens = _parse_tokens(line)
                     self._tokens_moved(link.index)
                 elif line[:1] == b"u":
-                    _, slots, tokens = line[:-1].split(b" ")
+                    _, slots, tokens, *released = line[:-1].split(b" ")
+                    self.admission.heard([float(t) for t in released])
                     self._returned(link, int(slots), int(tokens))
                 else:
                     self._handle(link, json.loads(line))
@@ -535,6 +540,7 @@ class ParentLink:
         self.keep: tuple[int, int] | None = None  # the spare slots and tokens the parent lets this worker keep
         self.spare = self.spare_tokens = 0  # slots (and their tokens) held from the parent and not in use
         self.admitted = self.from_spare = 0  # requests admitted, and of them those from spare slots
+        self._released: deque[float] = deque(maxlen=RATE_WINDOW)  # when it last kept a slot spare
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
@@ -600,7 +606,8 @@ class ParentLink:
         """The parent calls the spare slots back (a request somewhere does not fit): all of them go, and every
         request asks the parent until it says they may be kept again."""
         self.keep = None
-        self._put(_spare_line(self.spare, self.spare_tokens))
+        self._put(_spare_line(self.spare, self.spare_tokens, self._released))
+        self._released.clear()
         self.spare = self.spare_tokens = 0
 
     def _granted(self, line: bytes) -> None:
@@ -674,6 +681,7 @@ class ParentLink:
         if keep is not None and self.spare < keep[0] and self.spare_tokens + cost <= keep[1]:
             self.spare += 1
             self.spare_tokens += cost
+            self._released.append(time.monotonic())
             return
         self._put(_release_line(cost, key))
 

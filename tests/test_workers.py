@@ -305,6 +305,26 @@ async def test_spare_slots_are_called_back_before_a_request_waits_or_is_refused(
             await until(lending_again, "the slots free and lent again")
 
 
+async def test_retry_after_counts_the_releases_that_workers_kept_as_spare_slots() -> None:
+    """Requests that finished into a worker's spare slots were never released at the parent: when the slots are
+    called back and the queue is full, Retry-After comes from their rate (a second), not from nothing measured
+    (the queue timeout)."""
+    with stack("--max-concurrency", "8", "--max-queue", "0", "--queue-timeout", "120") as (sim, url, _gw):
+        async with AsyncExitStack() as sessions:
+            pairs = await per_worker(sessions, url)
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            for _ in range(20):  # each one's slot kept spare by worker 0 and taken by the next
+                assert await chat_on(pairs[0], url, body) == 200
+            held = await hung(sim, url, await connections_to(sessions, url, 1, 8), body)
+            async with pairs[0].post(url + CHAT, json=body) as r:
+                assert r.status == 429
+                assert (await r.json())["error"]["code"] == "queue_full"
+                assert r.headers["Retry-After"] == "1"
+            for future in held:
+                future.cancel()
+            await faults(sim, hang=False)
+
+
 async def test_a_killed_worker_is_restarted_and_no_counter_goes_backwards() -> None:
     with stack() as (_, url, gw):
         results = await asyncio.gather(*(chat(url) for _ in range(30)))
