@@ -81,9 +81,10 @@ class Admission:
         self._take(cost, tenant)
         return True
 
-    async def acquire(self, cost: int, key: str = "") -> float:
+    async def acquire(self, cost: int, key: str = "", waited: float = 0.0) -> float:
         """Wait for a slot; returns the seconds waited.  Raises GatewayError when refused.  ``key`` (the API
-        key's name) counts only with a fair queue."""
+        key's name) counts only with a fair queue; ``waited``, seconds the request already waited before it
+        came here (for spare slots called back), counts in the timeout and the seconds returned."""
         if self.max_tokens and cost > self.max_tokens:
             raise GatewayError(
                 "tokens_budget",
@@ -91,7 +92,7 @@ class Admission:
                 f"whole budget of {self.max_tokens} tokens in flight. Reduce the prompt or max_tokens.",
             )
         if self.try_acquire(cost, key):
-            return 0.0
+            return waited
         tenant = self.fair.tenant(key) if self.fair is not None else None
         if len(self._waiters) >= self.max_queue:
             raise GatewayError(
@@ -99,13 +100,13 @@ class Admission:
                 f"The gateway's queue is full ({self.max_queue} requests waiting). Retry later.",
                 retry_after=self.retry_after(),
             )
-        start = time.monotonic()
+        start = time.monotonic() - waited
         waiter = Waiter(asyncio.get_running_loop().create_future(), cost, tenant)
         self._waiters.append(waiter)
         if tenant is not None:
             self._wake()  # other keys' waiters may be held by their own caps only: this one may go now
         try:
-            async with asyncio.timeout(self.queue_timeout):
+            async with asyncio.timeout(self.queue_timeout - waited):
                 await waiter.future
         except BaseException as exc:
             if waiter.future.done() and not waiter.future.cancelled():

@@ -211,7 +211,8 @@ class Authority:
         self.spare_bounds = spare_bounds(settings)
         self.lending = False  # the workers are told that they may keep spare slots
         self._recalling: set[int] = set()  # the workers whose spare slots are called back and not yet returned
-        self._deferred: list[tuple[WorkerLink, int, int, str]] | None = None  # acquires that wait for them meanwhile
+        # acquires that wait for them meanwhile, with the time each arrived (the wait counts in its queue timeout)
+        self._deferred: list[tuple[WorkerLink, int, int, str, float]] | None = None
         self._recall_timer: asyncio.TimerHandle | None = None
         m, a = self.host.metrics, self.admission
         m.in_flight.set_function(lambda: a.in_flight - self.spare()[0])  # type: ignore[attr-defined]
@@ -328,25 +329,27 @@ class Authority:
         fits_tokens = not a.max_tokens or a.tokens_in_flight + tokens <= a.max_tokens
         return fits_tokens and a.in_flight + slots <= a.max_concurrency
 
-    def _acquire(self, link: WorkerLink, ask: int, cost: int, key: str) -> None:
+    def _acquire(self, link: WorkerLink, ask: int, cost: int, key: str, since: float | None = None) -> None:
+        """A worker's acquire, arrived now or (``since``) deferred while the spare slots were called back."""
         if self._deferred is not None:  # the spare slots are being called back: after them, in arrival order
-            self._deferred.append((link, ask, cost, key))
+            self._deferred.append((link, ask, cost, key, time.monotonic() if since is None else since))
             return
+        waited = 0.0 if since is None else time.monotonic() - since
         if not self._pending and self.admission.try_acquire(cost, key):
-            self._granted(link, ask, cost, key, 0.0)
+            self._granted(link, ask, cost, key, waited)
             return
         a = self.admission
         if self.lending and not (a.max_tokens and cost > a.max_tokens):
             # the room it needs may be spare in a worker: called back before it waits or is refused
             self.lending = False
             self._recalling = set(self.links)
-            self._deferred = [(link, ask, cost, key)]
+            self._deferred = [(link, ask, cost, key, time.monotonic() - waited)]
             for other in self.links.values():
                 other.write(_RECALL)
             self._recall_timer = asyncio.get_running_loop().call_later(_RECALL_TIMEOUT, self._recall_expired)
             return
         self._pending += 1  # until it is decided, later acquires take this way too: none overtakes it
-        task = asyncio.ensure_future(self.admission.acquire(cost, key))
+        task = asyncio.ensure_future(self.admission.acquire(cost, key, waited))
         link.waiting[ask] = task
         task.add_done_callback(lambda t: self._decided(link, ask, cost, key, t))
 
@@ -381,9 +384,9 @@ class Authority:
             self._recall_timer.cancel()
             self._recall_timer = None
         deferred, self._deferred = self._deferred, None
-        for link, ask, cost, key in deferred:
+        for link, ask, cost, key, since in deferred:
             if self.links.get(link.index) is link:
-                self._acquire(link, ask, cost, key)
+                self._acquire(link, ask, cost, key, since)
         self._wake()
 
     def _handle(self, link: WorkerLink, msg: dict[str, Any]) -> None:

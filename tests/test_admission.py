@@ -602,6 +602,23 @@ async def test_admission_refusals() -> None:
     assert a.in_flight == 0 and a.tokens_in_flight == 0
 
 
+async def test_admission_counts_a_wait_before_it_in_its_timeout() -> None:
+    """A request that already waited elsewhere (a worker's acquire while spare slots were called back): the wait
+    is part of what acquire returns, and of the queue timeout, which a wait longer than it has used up."""
+    a = Admission(max_concurrency=1, max_queue=10, queue_timeout=30.0, max_tokens=0)
+    assert await a.acquire(0, waited=0.2) == 0.2  # admitted at once: the wait before is the whole wait
+    with pytest.raises(GatewayError) as caught:
+        await a.acquire(0, waited=30.0)  # the slot is taken, and no time is left to wait for it
+    assert caught.value.error_type == "queue_timeout" and caught.value.status == 503
+    assert a.queue_depth == 0 and a.in_flight == 1
+    later = asyncio.create_task(a.acquire(0, waited=0.2))
+    await wait_for(lambda: a.queue_depth == 1, "one waiter")
+    a.release(0)
+    assert await later >= 0.2
+    a.release(0)
+    assert a.in_flight == 0
+
+
 async def test_admission_cancelled_waiter_wakes_the_next() -> None:
     a = Admission(max_concurrency=2, max_queue=10, queue_timeout=30.0, max_tokens=100)
     await a.acquire(50)

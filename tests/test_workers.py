@@ -676,9 +676,12 @@ async def test_every_worker_serves_the_metrics_port() -> None:
         assert gw.wait() == 0
 
 
-async def test_a_stalled_worker_does_not_hold_back_the_other_workers_admission() -> None:
+@pytest.mark.parametrize("frees_after", [0.1, 0.5], ids=["during-the-call-back", "after-it"])
+async def test_a_stalled_worker_does_not_hold_back_the_other_workers_admission(frees_after: float) -> None:
     """A worker that stops reading its socket (stopped, its loop blocked) while a call-back is out: the other
-    worker's request that did not fit gets the slot that frees up, as it would without spare slots."""
+    worker's request that did not fit gets the slot that frees up (during the call-back's 0.25 s, or after it
+    while the request waits in the queue), as it would without spare slots; and its queue wait counts the
+    call-back's."""
     with stack("--max-concurrency", "8", "--max-queue", "4", "--queue-timeout", "3") as (sim, url, _gw):
         async with AsyncExitStack() as sessions:
             zeros = await connections_to(sessions, url, 0, 9)
@@ -694,7 +697,7 @@ async def test_a_stalled_worker_does_not_hold_back_the_other_workers_admission()
             os.kill(stalled, signal.SIGSTOP)
             ninth = asyncio.ensure_future(chat_on(zeros[8], url, body))
             try:
-                await asyncio.sleep(0.5)  # it reached the parent, which called the spare slots back
+                await asyncio.sleep(frees_after)  # it reached the parent, which called the spare slots back
                 held[0].cancel()  # a slot frees up: the ninth request's
                 done, _ = await asyncio.wait([ninth], timeout=5)
                 assert done, "the ninth request still waits with a slot free (or past --queue-timeout)"
@@ -703,6 +706,8 @@ async def test_a_stalled_worker_does_not_hold_back_the_other_workers_admission()
                 os.kill(stalled, signal.SIGCONT)
                 for future in (*held, ninth):
                     future.cancel()
+            # the eight before it were admitted at once; the ninth waited at least for the call-back to time out
+            assert value(await scrape(url), "gateway_queue_wait_seconds_sum") >= 0.25
 
 
 async def test_a_worker_that_dies_with_the_call_back_out_leaves_no_waiter_behind() -> None:
