@@ -134,7 +134,8 @@ class Admission:
     def heard(self, releases: list[float]) -> None:
         """Releases made elsewhere (time.monotonic(), the host's one clock): a worker's of its spare slots, which
         this admission did not see.  The rate behind Retry-After counts them with its own."""
-        self._releases = deque(sorted([*self._releases, *releases])[-RATE_WINDOW:], maxlen=RATE_WINDOW)
+        if releases:  # (a call-back answered by a worker that kept nothing spare sends none)
+            self._releases = deque(sorted([*self._releases, *releases])[-RATE_WINDOW:], maxlen=RATE_WINDOW)
 
     def give_back(self, slots: int, tokens: int, key: str = "") -> None:
         """Slots and their tokens no longer held (a request's, a worker's spare ones, a dead worker's): to the next
