@@ -118,6 +118,15 @@ def _spare_line(slots: int, tokens: int, released: Sequence[float]) -> bytes:
     return b"u %d %d" % (slots, tokens) + b"".join(b" %r" % t for t in released) + b"\n"
 
 
+def _orphaned() -> GatewayError:
+    """What a worker gets for what it would ask of a parent that is gone."""
+    return GatewayError(
+        "draining",
+        "The gateway's parent process is gone: this worker is shutting down. Retry on another instance.",
+        retry_after=1,
+    )
+
+
 def spare_bounds(settings: Settings) -> tuple[int, int] | None:
     """The slots and tokens a worker may keep spare, or None where every request asks the parent: with API keys
     (their caps and fair share are per request) and where a worker's part of the cap would be under one slot."""
@@ -544,6 +553,7 @@ class ParentLink:
         self.spare = self.spare_tokens = 0  # slots (and their tokens) held from the parent and not in use
         self.admitted = self.from_spare = 0  # requests admitted, and of them those from spare slots
         self._released: deque[float] = deque(maxlen=RATE_WINDOW)  # when it last kept a slot spare
+        self.gone = False  # the parent's socket closed: nothing asked of it will be answered
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
@@ -603,6 +613,11 @@ class ParentLink:
         except ConnectionError:
             pass
         log.error("the parent's coordination socket closed: draining this worker")
+        self.gone, self.keep = True, None
+        answers, self._answers = self._answers, {}
+        for future in answers.values():  # acquires queued there, scrapes: refused now, not at the drain's end
+            if not future.done():
+                future.set_exception(_orphaned())
         os.kill(os.getpid(), signal.SIGTERM)
 
     def _give_spare_back(self) -> None:
@@ -650,6 +665,8 @@ class ParentLink:
         self._wake()
 
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.gone:
+            raise _orphaned()
         ask = message["id"] = next(self._ids)
         future = self._answers[ask] = asyncio.get_running_loop().create_future()
         self._send(message)
@@ -663,6 +680,8 @@ class ParentLink:
             self.admitted += 1
             self.from_spare += 1
             return 0.0
+        if self.gone:
+            raise _orphaned()
         ask = next(self._ids)
         future = self._answers[ask] = asyncio.get_running_loop().create_future()
         self._put(_acquire_line(ask, cost, key))

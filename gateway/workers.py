@@ -28,6 +28,8 @@ from gateway.access.limits import LocalStore, RedisStore
 from gateway.app import Gateway, drain_on_signal
 from gateway.coordinator import Authority, ParentLink
 from gateway.enginehost import SharedBreaker, apply_view
+from gateway.errors import GatewayError
+from gateway.headers import request_id
 from gateway.listener import ListenError, make_runner, raise_open_files
 from gateway.metrics.merge import Family, families
 from gateway.routing.load import EngineState
@@ -128,7 +130,10 @@ class WorkerGateway(Gateway):
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         """The series of every worker merged by the parent, with the GPU, host and engine series it collects."""
-        body = await self.parent.metrics()
+        try:
+            body = await self.parent.metrics()
+        except GatewayError as exc:  # the parent is gone: this worker drains
+            return exc.response(request_id(request))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     def _admin_site(self, runner: web.BaseRunner) -> web.BaseSite:
@@ -146,7 +151,10 @@ class WorkerGateway(Gateway):
             if response.status != 200 or not isinstance(response, web.Response) or response.text is None:
                 return response
             body = json.loads(response.text)
-            parent = await self.parent.status()
+            try:
+                parent = await self.parent.status()
+            except GatewayError as exc:  # the parent is gone: this worker drains
+                return exc.response(request_id(request))
             body |= {
                 "admission": parent["admission"], "worker": self.parent.index, "workers": parent["workers"],
                 "engine_checks": parent["engine_checks"],
@@ -286,6 +294,9 @@ async def supervise(settings: Settings) -> int:
 async def _serve_worker(settings: Settings, fd: int, admin_fd: int, index: int, workers: int, path: str) -> int:
     parent = ParentLink(settings, index)
     await parent.connect(path)
+    # from here the link's end is the parent's death, and ends this worker with one SIGTERM: a second one (this
+    # signal, which came at the same moment) would cut every request off instead of draining them
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, 0)
     # the parent's engine state before taking connections: a worker that knew no engine yet would label its
     # first requests' model "other" and route them blind while its siblings already know better
     await parent.known.wait()
@@ -315,7 +326,7 @@ def main(argv: list[str]) -> int:
     logs.configure(settings.log_format, settings.log_level)
     signal.signal(signal.SIGTERM, _stopped_early)  # until the drain's own handler is in place
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent takes SIGHUP and tells the workers
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # the parent killed: drain and go too
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # the parent killed before the link is up: go too
     return uvloop.run(_serve_worker(settings, fd, admin_fd, index, workers, path))
 
 

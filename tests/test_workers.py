@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -374,6 +375,62 @@ async def test_sigterm_drains_both_workers_and_the_parent_exits_0() -> None:
         for w in workers:
             assert f"worker {w['index']} (pid {w['pid']}) exited 0" in output
         assert "every worker exited (0, 0)" in output
+
+
+def exited(pid: int) -> bool:
+    """The process is gone, or a zombie (its parent is gone too, and nobody reaps it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_a_worker_whose_parent_dies_refuses_what_waits_for_it_and_drains() -> None:
+    """The parent SIGKILLed: what a worker waits for from it (a request queued there, a scrape) is answered 503
+    `draining` at once, not at the drain's end; the request in flight goes on; then the worker exits."""
+    flags = ("--max-concurrency", "1", "--max-queue", "4", "--queue-timeout", "60", "--drain-timeout", "60")
+    with stack(*flags) as (sim, url, gw):
+        async with AsyncExitStack() as sessions:
+            zero = await connections_to(sessions, url, 0, 3)
+            pids = [w["pid"] for w in (await status_of(zero[0], url))["workers"]]
+            pid = pids[0]
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            held = await hung(sim, url, zero[:1], body)
+            queued = asyncio.ensure_future(zero[1].post(url + CHAT, json=body))
+
+            async def waiting() -> bool:
+                return (await status_of(zero[2], url))["admission"]["queue_depth"] == 1
+
+            await until(waiting, "the second request queued at the parent")
+            scrape = asyncio.ensure_future(zero[2].get(url + "/metrics"))
+            gw.signal(signal.SIGKILL)
+            try:
+                done, _ = await asyncio.wait([queued, scrape], timeout=30)  # (the drain would take 60 s)
+                assert len(done) == 2, "a worker still waits for its dead parent"
+                for answer in (queued.result(), scrape.result()):
+                    assert answer.status == 503, await answer.text()
+                    error_body(await answer.json(), code="draining", type="server_error")
+                    assert answer.headers["Retry-After"] == "1"
+                assert not exited(pid)  # the request at the engine holds the drain open
+                held[0].cancel()  # its client leaves: the drain is over
+                for _ in range(3000):
+                    if exited(pid):
+                        break
+                    await asyncio.sleep(0.01)
+                assert exited(pid), "the worker did not exit once its drain was over"
+                await until(lambda: asyncio.to_thread(lambda: all(exited(p) for p in pids)), "both workers gone")
+                output = await asyncio.to_thread(gw.output)  # (the workers' output: the pipe closed with them)
+                assert re.search(r"draining \d+ requests for up to 60 s", output), output
+                assert "second SIGTERM" not in output, output  # the parent's death is one signal: a drain, no cut
+                assert "drained" in output, output
+            finally:
+                for future in (*held, queued, scrape):
+                    future.cancel()
+                for orphan in pids:  # (the other one, with nothing in flight, has exited by itself)
+                    with contextlib.suppress(ProcessLookupError):
+                        if not exited(orphan):
+                            os.kill(orphan, signal.SIGKILL)
 
 
 async def test_a_keys_rate_limit_holds_across_workers(tmp_path: Path) -> None:
