@@ -503,7 +503,8 @@ class Authority:
         links = list(self.links.values())
         await asyncio.gather(*(self._snapshot(link) for link in links))
         for link in links:
-            merged.add(link.last)
+            if self.links.get(link.index) is link:  # one that died meanwhile is in self.retired: counted there
+                merged.add(link.last)
         merged.add(self.retired.families())
         own = families(self.host.registry.collect(), "parent")
         merged.put(f for f in own if parents_series(f[0]))

@@ -387,7 +387,7 @@ class Settings(_Options):
                 ("replicas", self.replicas >= 1, "at least 1"),
                 (
                     "workers",
-                    self.workers == "auto" or (self.workers.isdigit() and int(self.workers) >= 1),
+                    self.workers == "auto" or (self.workers.isdecimal() and int(self.workers) >= 1),
                     "auto or at least 1",
                 ),
                 ("metrics_port", 0 <= self.metrics_port <= 65535, "a port number"),

@@ -46,6 +46,8 @@ def refused(*args: str, env: dict[str, str] | None = None) -> str:
         (["--upstream", "http://a:1/v 1"], {}, ["--upstream must be", "'http://a:1/v 1' has whitespace"]),
         (["--upstream", "a=http://x:1", "--upstream", "a=http://y:1"], {}, ["a is given twice"]),
         (["--log-level", "verbose"], {}, ["--log-level", "'verbose'"]),
+        (["--workers", "0"], {}, ["--workers must be auto or at least 1", "'0'"]),
+        ([], {"GATEWAY_WORKERS": "²"}, ["GATEWAY_WORKERS must be auto or at least 1", "'²'"]),  # a digit, not a number
         (["--upstream", "http://u:s3cret@a:1", "--upstream-api-key", "k"], {}, ["user:password@", "one or the other"]),
     ],
 )

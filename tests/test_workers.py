@@ -357,6 +357,36 @@ async def test_a_killed_worker_is_restarted_and_no_counter_goes_backwards() -> N
         assert f"worker 0 (pid {victim['pid']}) died (exit -9): starting it again (restart 1)" in gw.output()
 
 
+async def test_a_worker_that_dies_while_a_scrape_waits_for_it_is_counted_once() -> None:
+    """Worker 1 stopped, a scrape through worker 0 waits for its series; worker 1 is killed meanwhile: that scrape
+    counts its requests once (from what the parent keeps of dead workers), as the scrapes before and after do."""
+    with stack() as (_, url, _gw):
+        async with AsyncExitStack() as sessions:
+            ones = await connections_to(sessions, url, 1, 1)
+            zero = (await connections_to(sessions, url, 0, 1))[0]
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            assert [await chat_on(session, url, body) for session in (*ones, zero, zero)] == [200] * 3
+            total = answered(await scrape(url))  # (the requests that found the workers above count too)
+            assert total >= 3
+            victim = (await status_of(zero, url))["workers"][1]["pid"]
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                waiting = asyncio.ensure_future(zero.get(url + "/metrics"))
+                await asyncio.sleep(0.3)  # the parent asked worker 1 for its series, which cannot answer
+            finally:
+                os.kill(victim, signal.SIGKILL)
+            async with await waiting as r:
+                assert r.status == 200
+                assert answered(await r.text()) == total
+
+            async def restarted() -> bool:
+                worker = (await status_of(zero, url))["workers"][1]
+                return worker["pid"] != victim and worker["connected"]
+
+            await until(restarted, "worker 1 to be started again")
+            assert answered(await scrape(url)) == total
+
+
 async def test_sigterm_drains_both_workers_and_the_parent_exits_0() -> None:
     with stack() as (sim, url, gw):
         requests = [asyncio.ensure_future(chat(url, SLOW)) for _ in range(8)]
