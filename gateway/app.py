@@ -49,6 +49,9 @@ class Gateway:
         """``admission``: another one than this process's own (a worker of ``--workers N`` asks its parent)."""
         self.settings = settings
         self.started = time.monotonic()
+        # from drain_on_signal on: drain (False) or cut off what is left (True) as the first and the second signal
+        # do, without counting as a signal (a worker's parent says so)
+        self.stop_order: Callable[[bool], None] | None = None
         disable_created_metrics()  # *_created series double the output and no dashboard reads them
         self.registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
@@ -236,8 +239,9 @@ async def serve(settings: Settings, announce: Callable[[str], None] | None = Non
 
 
 async def drain_on_signal(gateway: Gateway, runner: ListenerRunner) -> None:
-    """First signal: draining; bodies still arriving are answered 503 (not admitted, so nothing is lost).
-    At ``--drain-timeout`` or the second signal, each request still at an engine is cut there and then:
+    """First signal (or ``gateway.stop_order``): draining; bodies still arriving are answered 503 (not admitted,
+    so nothing is lost).  At ``--drain-timeout`` or the second signal (or order to cut), each request still at an
+    engine is cut there and then:
     a stream ends with an error event and [DONE], a request waiting for its answer gets a 502."""
     gc.freeze()  # what was built before serving lives as long as the process: kept out of every collection
     # The request path leaves no cyclic garbage (tests/test_relay.py), yet a youngest-generation collection
@@ -245,15 +249,24 @@ async def drain_on_signal(gateway: Gateway, runner: ListenerRunner) -> None:
     gc.set_threshold(10_000, 10, 10)
     loop = asyncio.get_running_loop()
     stop, hard = asyncio.Event(), asyncio.Event()
+    signals: list[int] = []
 
     def on_signal(signum: int) -> None:
-        if stop.is_set():
+        if signals:  # (a drain that began by order, not by a signal, has had none)
             log.warning("second %s: cutting off %d requests", signal.Signals(signum).name, gateway.proxy.active)
+            hard.set()
+        signals.append(signum)
+        stop.set()
+
+    def order(cut: bool) -> None:
+        if cut and not hard.is_set():
+            log.warning("told to stop now: cutting off %d requests", gateway.proxy.active)
             hard.set()
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    gateway.stop_order = order
     try:
         await stop.wait()
         gateway.proxy.draining = True
@@ -276,7 +289,7 @@ async def drain_on_signal(gateway: Gateway, runner: ListenerRunner) -> None:
                     await gateway.proxy.idle.wait()
         else:
             log.info("drained")
-    finally:
+    finally:  # (gateway.stop_order stays: an order that comes after the drain finds nothing left to stop)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await runner.cleanup()

@@ -108,6 +108,10 @@ def _parse_held(line: bytes) -> dict[str, dict[str, int]]:
 # (worker to parent: the spare slots and tokens given back, and when it kept its last ones: the release rate
 # behind Retry-After counts them).
 _RECALL = b"x\n"
+# Stopping: ``d`` (parent to worker: drain, as on a first SIGTERM) and ``c`` (cut off what is left: the parent's
+# second signal).  Words, not signals: a worker that also gets a SIGTERM of its own at the same moment (systemd's
+# KillMode=control-group, pkill) drains once instead of taking the two for a second signal.
+_DRAIN, _CUT = b"d\n", b"c\n"
 
 
 def _keep_line(slots: int, tokens: int) -> bytes:
@@ -125,6 +129,11 @@ def _orphaned() -> GatewayError:
         "The gateway's parent process is gone: this worker is shutting down. Retry on another instance.",
         retry_after=1,
     )
+
+
+def signal_self(cut: bool) -> None:
+    """A worker told to stop before it serves: nothing to drain, its SIGTERM handler ends it."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def spare_bounds(settings: Settings) -> tuple[int, int] | None:
@@ -284,6 +293,11 @@ class Authority:
                 if tokens:
                     held.setdefault(url, {})[str(link.index)] = tokens
         return held
+
+    def stop_workers(self, cut: bool) -> None:
+        """Every worker drains (``cut``: cuts off what it still runs)."""
+        for link in self.links.values():
+            link.write(_CUT if cut else _DRAIN)
 
     def _send_all(self, message: dict[str, Any]) -> None:
         frame = _frame(message)
@@ -555,6 +569,7 @@ class ParentLink:
         self.admitted = self.from_spare = 0  # requests admitted, and of them those from spare slots
         self._released: deque[float] = deque(maxlen=RATE_WINDOW)  # when it last kept a slot spare
         self.gone = False  # the parent's socket closed: nothing asked of it will be answered
+        self.on_stop: Callable[[bool], None] = signal_self  # the parent's word to drain (False) or cut off (True)
 
     async def connect(self, path: str) -> None:
         reader, self._writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
@@ -594,6 +609,9 @@ class ParentLink:
                 if line == _RECALL:
                     self._give_spare_back()
                     continue
+                if line in (_DRAIN, _CUT):
+                    self.on_stop(line == _CUT)
+                    continue
                 msg = json.loads(line)
                 op = msg.get("op")
                 if op == "series":
@@ -619,7 +637,7 @@ class ParentLink:
         for future in answers.values():  # acquires queued there, scrapes: refused now, not at the drain's end
             if not future.done():
                 future.set_exception(_orphaned())
-        os.kill(os.getpid(), signal.SIGTERM)
+        self.on_stop(False)
 
     def _give_spare_back(self) -> None:
         """The parent calls the spare slots back (a request somewhere does not fit): all of them go, and every

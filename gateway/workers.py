@@ -5,7 +5,6 @@ dead worker is restarted."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import dataclasses
 import json
@@ -26,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from gateway import logs
 from gateway.access.limits import LocalStore, RedisStore
 from gateway.app import Gateway, drain_on_signal
-from gateway.coordinator import Authority, ParentLink
+from gateway.coordinator import Authority, ParentLink, signal_self
 from gateway.enginehost import SharedBreaker, apply_view
 from gateway.errors import GatewayError
 from gateway.headers import request_id
@@ -74,7 +73,12 @@ class WorkerGateway(Gateway):
         parent.tokens = self._tokens
         parent.on_tokens = self._others
         parent.on_engines = self.apply
+        parent.on_stop = self._stop
         self.apply(parent.engines)
+
+    def _stop(self, cut: bool) -> None:
+        """The parent's word to drain or cut off, or its end (a drain): once serving, as its signals would be."""
+        (self.stop_order or signal_self)(cut)
 
     def background(self) -> dict[str, Coroutine[None, None, None]]:
         return {}  # the parent checks the engines and reads their load, once for the host
@@ -239,17 +243,10 @@ class Supervisor:
     def _stop(self, signum: int) -> None:
         if not self.stopping:
             log.info("%s: draining %d workers", signal.Signals(signum).name, len(self.workers))
+        # a second one cuts the workers' requests off, as in one process; a worker still starting is not
+        # connected yet, and is told on connecting (_connected)
+        self.authority.stop_workers(cut=self.stopping)
         self.stopping = True
-        self._forward(signal.SIGTERM)  # a second one cuts the workers' requests off, as in one process
-
-    def _forward(self, signum: int) -> None:
-        """To each worker that has connected: one still starting has no handler yet, and is told on connecting
-        (``_connected``)."""
-        for w in self.workers:
-            link = self.authority.links.get(w.index)
-            if w.proc is not None and w.proc.returncode is None and link is not None and link.pid == w.proc.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    w.proc.send_signal(signum)
 
     def _connected(self, index: int) -> None:
         proc = self.workers[index].proc
@@ -294,8 +291,9 @@ async def supervise(settings: Settings) -> int:
 async def _serve_worker(settings: Settings, fd: int, admin_fd: int, index: int, workers: int, path: str) -> int:
     parent = ParentLink(settings, index)
     await parent.connect(path)
-    # from here the link's end is the parent's death, and ends this worker with one SIGTERM: a second one (this
-    # signal, which came at the same moment) would cut every request off instead of draining them
+    # From here the link's end tells this worker that the parent is gone: a drain.  The parent-death signal would
+    # add several SIGTERMs (one as each of the dying parent's threads that the worker passes to exits), and a
+    # second SIGTERM cuts every request off.
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, 0)
     # the parent's engine state before taking connections: a worker that knew no engine yet would label its
     # first requests' model "other" and route them blind while its siblings already know better

@@ -407,6 +407,58 @@ async def test_sigterm_drains_both_workers_and_the_parent_exits_0() -> None:
         assert "every worker exited (0, 0)" in output
 
 
+@pytest.mark.parametrize("workers_first", [True, False], ids=["workers-first", "parent-first"])
+async def test_sigterm_to_every_process_at_once_is_one_drain(workers_first: bool) -> None:
+    """systemd's KillMode=control-group (or pkill) sends SIGTERM to the parent and to each worker: a worker takes
+    its own and the parent's word to drain as one drain, and the requests in flight finish."""
+    with stack() as (sim, url, gw):
+        requests = [asyncio.ensure_future(chat(url, SLOW)) for _ in range(8)]
+
+        async def running() -> bool:
+            return (await get_json(sim + "/admin/state"))["running"] == 8
+
+        await until(running, "the 8 requests to be at the engine")
+        pids = [w["pid"] for w in (await get_json(url + "/status"))["workers"]]
+        if not workers_first:
+            gw.signal(signal.SIGTERM)
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        if workers_first:
+            gw.signal(signal.SIGTERM)
+        results = await asyncio.gather(*requests)
+        assert [status for status, _ in results] == [200] * 8
+        code = await asyncio.to_thread(gw.wait)
+        output = gw.output()
+        assert code == 0, output
+        assert "cutting off" not in output, output
+
+
+async def test_a_second_sigterm_to_the_parent_cuts_every_workers_requests_off() -> None:
+    with stack() as (sim, url, gw):
+        await faults(sim, hang=True)  # held at the engine: the drain can only end by the cut
+        requests = [asyncio.ensure_future(chat(url)) for _ in range(8)]
+
+        async def at_the_engine() -> bool:
+            return [e["outcome"] for e in (await get_json(sim + "/admin/state"))["requests"]].count("hang") == 8
+
+        await until(at_the_engine, "the 8 requests to be at the engine")
+        gw.signal(signal.SIGTERM)
+
+        async def draining() -> bool:  # a worker was told: the parent took the first signal (two at once are one)
+            return bool((await get_json(url + "/status"))["draining"])
+
+        await until(draining, "a worker to drain")
+        gw.signal(signal.SIGTERM)
+        results = await asyncio.gather(*requests)
+        assert [status for status, _ in results] == [503] * 8
+        for _, body in results:
+            error_body(body, code="draining", type="server_error")
+        code = await asyncio.to_thread(gw.wait)
+        output = gw.output()
+        assert code == 0, output
+        assert "told to stop now: cutting off" in output, output
+
+
 def exited(pid: int) -> bool:
     """The process is gone, or a zombie (its parent is gone too, and nobody reaps it yet)."""
     try:
