@@ -140,6 +140,10 @@ async def status_of(session: aiohttp.ClientSession, url: str, headers: dict[str,
         return await r.json()
 
 
+async def all_connected(url: str) -> bool:
+    return all(w["connected"] for w in (await get_json(url + "/status"))["workers"])
+
+
 async def faults(sim: str, **values: Any) -> None:
     async with aiohttp.ClientSession() as s, s.post(sim + "/admin/faults", json=values) as r:
         assert r.status == 200
@@ -418,6 +422,8 @@ async def test_sigterm_to_every_process_at_once_is_one_drain(workers_first: bool
             return (await get_json(sim + "/admin/state"))["running"] == 8
 
         await until(running, "the 8 requests to be at the engine")
+        # (a worker still starting has no SIGTERM handler of its own yet)
+        await until(lambda: all_connected(url), "both workers connected to the parent")
         pids = [w["pid"] for w in (await get_json(url + "/status"))["workers"]]
         if not workers_first:
             gw.signal(signal.SIGTERM)
@@ -824,11 +830,7 @@ async def test_a_stalled_worker_does_not_hold_back_the_other_workers_admission(f
     with stack("--max-concurrency", "8", "--max-queue", "4", "--queue-timeout", "3") as (sim, url, _gw):
         async with AsyncExitStack() as sessions:
             zeros = await connections_to(sessions, url, 0, 9)
-
-            async def both_connected() -> bool:
-                return all(w["connected"] for w in (await get_json(url + "/status"))["workers"])
-
-            await until(both_connected, "both workers connected to the parent")
+            await until(lambda: all_connected(url), "both workers connected to the parent")
             stalled = (await get_json(url + "/status"))["workers"][1]["pid"]
             body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
             held = await hung(sim, url, zeros[:8], body)
