@@ -202,6 +202,10 @@ class Gateway:
         yield
         await runner.cleanup()
 
+    async def signalled(self, runner: ListenerRunner) -> None:
+        """A drain that a signal to this process began: one process keeps its port and answers 503 ``draining``
+        (a load balancer's health checks see it go), a worker of ``--workers`` closes it (see WorkerGateway)."""
+
     def _admin_site(self, runner: web.BaseRunner) -> web.BaseSite:
         """Where --metrics-port listens (a worker of --workers: on the socket its parent opened for all)."""
         return web.TCPSite(runner, self.settings.metrics_host, self.settings.metrics_port)
@@ -270,6 +274,8 @@ async def drain_on_signal(gateway: Gateway, runner: ListenerRunner) -> None:
     try:
         await stop.wait()
         gateway.proxy.draining = True
+        if signals:  # (not an order)
+            await gateway.signalled(runner)
         cut = runner.listener.cut_bodies(
             GatewayError("draining", "The gateway is shutting down. Retry on another instance.", retry_after=1)
         )

@@ -29,7 +29,7 @@ from gateway.coordinator import Authority, ParentLink, signal_self
 from gateway.enginehost import SharedBreaker, apply_view
 from gateway.errors import GatewayError
 from gateway.headers import request_id
-from gateway.listener import ListenError, make_runner, raise_open_files
+from gateway.listener import ListenError, ListenerRunner, make_runner, raise_open_files
 from gateway.metrics.merge import Family, families
 from gateway.routing.load import EngineState
 from gateway.settings import Settings, UpstreamSpec
@@ -75,6 +75,12 @@ class WorkerGateway(Gateway):
         parent.on_engines = self.apply
         parent.on_stop = self._stop
         self.apply(parent.engines)
+
+    async def signalled(self, runner: ListenerRunner) -> None:
+        """A SIGTERM of this worker's own, not its parent's word: the other workers serve on, so this one stops
+        taking connections (they take the new ones) and drains; its parent starts it again once it exits."""
+        for site in list(runner.sites):
+            await site.stop()
 
     def _stop(self, cut: bool) -> None:
         """The parent's word to drain or cut off, or its end (a drain): once serving, as its signals would be."""
@@ -198,6 +204,7 @@ class Supervisor:
         self.workers = [_Worker(i) for i in range(settings.worker_count)]
         self.authority = Authority(settings, self.describe, self._connected)
         self.stopping = False
+        self.sockets: list[socket.socket] = []  # the port's (and --metrics-port's), which every worker inherits
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -215,7 +222,9 @@ class Supervisor:
     async def run(self, announce: Callable[[str], None] | None = None) -> int:
         raise_open_files(self.settings.max_connections)
         s = self.settings
-        sockets = [_bind(s.host, s.port), *([_bind(s.metrics_host, s.metrics_port)] if s.metrics_port else [])]
+        sockets = self.sockets = [
+            _bind(s.host, s.port), *([_bind(s.metrics_host, s.metrics_port)] if s.metrics_port else [])
+        ]  # fmt: skip
         loop = asyncio.get_running_loop()
         with tempfile.TemporaryDirectory(prefix="glm-gateway-") as tmp:
             path = os.path.join(tmp, "coordinator.sock")
@@ -247,6 +256,8 @@ class Supervisor:
         # connected yet, and is told on connecting (_connected)
         self.authority.stop_workers(cut=self.stopping)
         self.stopping = True
+        for sock in self.sockets:  # no worker starts again: the port stays open only while workers keep it
+            sock.close()
 
     def _connected(self, index: int) -> None:
         proc = self.workers[index].proc
@@ -279,6 +290,8 @@ class Supervisor:
             )  # fmt: skip
             if time.monotonic() - worker.started < _QUICK_DEATH:
                 await asyncio.sleep(_QUICK_DEATH)
+                if self.stopping:  # (meanwhile)
+                    return code
 
 
 async def supervise(settings: Settings) -> int:

@@ -465,6 +465,36 @@ async def test_a_second_sigterm_to_the_parent_cuts_every_workers_requests_off() 
         assert "told to stop now: cutting off" in output, output
 
 
+async def test_a_worker_sigtermed_alone_leaves_the_new_connections_to_the_others() -> None:
+    """SIGTERM to one worker (not the parent): it drains what it runs and takes no new connection, so none is
+    refused while another worker serves; once drained it exits and the parent starts it again."""
+    with stack() as (sim, url, _gw):
+        async with AsyncExitStack() as sessions:
+            ones = await connections_to(sessions, url, 1, 2)
+            await connections_to(sessions, url, 0, 1)  # (both serve)
+            victim = (await status_of(ones[1], url))["workers"][1]["pid"]
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+            held = await hung(sim, url, ones[:1], body)  # keeps worker 1's drain open
+            await faults(sim, hang=False)
+            try:
+                os.kill(victim, signal.SIGTERM)
+
+                async def draining() -> bool:
+                    return bool((await status_of(ones[1], url))["draining"])
+
+                await until(draining, "worker 1 to drain")
+                results = [await chat(url) for _ in range(20)]  # each on a new connection
+                assert [status for status, _ in results] == [200] * 20, results
+            finally:
+                held[0].cancel()
+
+            async def restarted() -> bool:
+                worker = (await get_json(url + "/status"))["workers"][1]
+                return worker["pid"] != victim and worker["connected"] and worker["restarts"] == 1
+
+            await until(restarted, "worker 1 to be started again")
+
+
 def exited(pid: int) -> bool:
     """The process is gone, or a zombie (its parent is gone too, and nobody reaps it yet)."""
     try:
