@@ -210,14 +210,12 @@ class Authority:
     """The parent's side: the one ``Admission`` of all workers, the engines' state sent to every worker, the keys'
     reload, and the merge of their series."""
 
-    def __init__(
-        self, settings: Settings, describe: Callable[[], list[dict[str, Any]]], connected: Callable[[int], None]
-    ) -> None:
+    def __init__(self, settings: Settings, describe: Callable[[], list[dict[str, Any]]]) -> None:
         self.settings = settings
         self.host = EngineHost(settings, self.send_state)
         self.admission = self.host.admission
         self.describe = describe  # the supervisor's view of its workers, for /status
-        self.connected = connected  # told each worker's index when it connects
+        self.stopping = False  # the workers were told to drain: one that connects from now on is told too
         self.links: dict[int, WorkerLink] = {}
         self.retired = Merged()  # the counters of workers that died, so that no total goes backwards
         self._ids = itertools.count()
@@ -296,6 +294,7 @@ class Authority:
 
     def stop_workers(self, cut: bool) -> None:
         """Every worker drains (``cut``: cuts off what it still runs)."""
+        self.stopping = True
         for link in self.links.values():
             link.write(_CUT if cut else _DRAIN)
 
@@ -314,7 +313,8 @@ class Authority:
         link.send(self._state())  # before it takes connections, a worker knows the engines
         if self.lending and self.spare_bounds is not None:
             link.write(_keep_line(*self.spare_bounds))
-        self.connected(link.index)
+        if self.stopping:  # (started before the stop, connected after it)
+            link.write(_DRAIN)
         try:
             while line := await reader.readline():
                 if line[:1] == b"a":

@@ -196,14 +196,13 @@ class _Worker:
 
 
 class Supervisor:
-    """Starts the workers, restarts one that dies (logged, counted in /status), forwards SIGTERM, SIGINT and
-    SIGHUP, and exits 0 when every worker has drained and exited 0."""
+    """Starts the workers, restarts one that dies (logged, counted in /status), tells them to drain on SIGTERM and
+    SIGINT (to cut off on the second), takes SIGHUP, and exits 0 when every worker has drained and exited 0."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.workers = [_Worker(i) for i in range(settings.worker_count)]
-        self.authority = Authority(settings, self.describe, self._connected)
-        self.stopping = False
+        self.authority = Authority(settings, self.describe)
         self.sockets: list[socket.socket] = []  # the port's (and --metrics-port's), which every worker inherits
 
     def describe(self) -> list[dict[str, Any]]:
@@ -222,9 +221,7 @@ class Supervisor:
     async def run(self, announce: Callable[[str], None] | None = None) -> int:
         raise_open_files(self.settings.max_connections)
         s = self.settings
-        sockets = self.sockets = [
-            _bind(s.host, s.port), *([_bind(s.metrics_host, s.metrics_port)] if s.metrics_port else [])
-        ]  # fmt: skip
+        self.sockets = [_bind(s.host, s.port), *([_bind(s.metrics_host, s.metrics_port)] if s.metrics_port else [])]
         loop = asyncio.get_running_loop()
         with tempfile.TemporaryDirectory(prefix="glm-gateway-") as tmp:
             path = os.path.join(tmp, "coordinator.sock")
@@ -234,7 +231,7 @@ class Supervisor:
                 loop.add_signal_handler(signum, self._stop, signum)
             loop.add_signal_handler(signal.SIGHUP, self.authority.reload)
             async with self.authority.host.running():  # the engines checked once for the host, here
-                kept = [asyncio.create_task(self._keep(w, sockets, path)) for w in self.workers]
+                kept = [asyncio.create_task(self._keep(w, path)) for w in self.workers]
                 url = f"http://{self.settings.host}:{self.settings.port}"
                 log.info("glm-gateway listening on %s with %d workers", url, len(self.workers))
                 if announce is not None:
@@ -244,29 +241,23 @@ class Supervisor:
                 loop.remove_signal_handler(signum)
             watch.cancel()
             server.close()
-        for sock in sockets:
+        for sock in self.sockets:
             sock.close()
         log.info("every worker exited (%s)", ", ".join(map(str, codes)))
         return 0 if not any(codes) else 1
 
     def _stop(self, signum: int) -> None:
-        if not self.stopping:
+        if not self.authority.stopping:
             log.info("%s: draining %d workers", signal.Signals(signum).name, len(self.workers))
         # a second one cuts the workers' requests off, as in one process; a worker still starting is not
-        # connected yet, and is told on connecting (_connected)
-        self.authority.stop_workers(cut=self.stopping)
-        self.stopping = True
+        # connected yet, and is told as it connects
+        self.authority.stop_workers(cut=self.authority.stopping)
         for sock in self.sockets:  # no worker starts again: the port stays open only while workers keep it
             sock.close()
 
-    def _connected(self, index: int) -> None:
-        proc = self.workers[index].proc
-        if self.stopping and proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-
-    async def _keep(self, worker: _Worker, sockets: list[socket.socket], path: str) -> int:
+    async def _keep(self, worker: _Worker, path: str) -> int:
         """Run the worker, again each time it dies; it inherits the port's socket (and --metrics-port's)."""
-        fds = [sock.fileno() for sock in sockets]
+        fds = [sock.fileno() for sock in self.sockets]
         listen, admin = fds[0], fds[1] if len(fds) > 1 else -1
         while True:
             worker.started = time.monotonic()
@@ -279,7 +270,7 @@ class Supervisor:
             proc.stdin.write(json.dumps(dataclasses.asdict(self.settings)).encode())
             proc.stdin.close()
             code = await proc.wait()
-            if self.stopping:
+            if self.authority.stopping:
                 log.log(logging.INFO if code == 0 else logging.WARNING, "worker %d (pid %d) exited %d",
                         worker.index, proc.pid, code)  # fmt: skip
                 return code
@@ -290,7 +281,7 @@ class Supervisor:
             )  # fmt: skip
             if time.monotonic() - worker.started < _QUICK_DEATH:
                 await asyncio.sleep(_QUICK_DEATH)
-                if self.stopping:  # (meanwhile)
+                if self.authority.stopping:  # (meanwhile)
                     return code
 
 
